@@ -1,0 +1,178 @@
+"""Inputs and outputs: argnums, pytree flattening, and the checks on both.
+
+Mirrors ``torch.func``'s conventions (argnums an int or a tuple of ints,
+negative argnums wrap, pytrees of tensors everywhere) but raises ``TypeError``
+or ``ValueError`` with a message that says how to fix the call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
+
+from typing_extensions import TypeAlias
+
+Argnums: TypeAlias = "int | tuple[int, ...]"
+
+
+def check_callable(func: object) -> None:
+    if not callable(func):
+        raise TypeError(
+            f"jacfd(func): func must be callable, got {type(func).__name__}. "
+            "Pass the function itself, e.g. jacfd(model) or jacfd(torch.sin)."
+        )
+
+
+def check_argnums(argnums: object) -> None:
+    """Checks the type, emptiness and uniqueness of argnums as written."""
+    if isinstance(argnums, bool) or not isinstance(argnums, (int, tuple)):
+        raise TypeError(
+            f"jacfd(func, argnums): argnums must be int or Tuple[int, ...], "
+            f"got {type(argnums).__name__}. Write argnums=(0, 1), not [0, 1]."
+        )
+    if isinstance(argnums, tuple):
+        if not argnums:
+            raise ValueError(
+                "jacfd(func, argnums): argnums must be non-empty; "
+                "pass the index of at least one positional argument, e.g. argnums=0."
+            )
+        if any(isinstance(a, bool) or not isinstance(a, int) for a in argnums):
+            raise TypeError(
+                f"jacfd(func, argnums): argnums must be int or Tuple[int, ...], got {argnums!r}."
+            )
+        if len(set(argnums)) != len(argnums):
+            raise ValueError(
+                f"jacfd(func, argnums): argnums elements must be unique, got {argnums!r}. "
+                "List each positional argument once."
+            )
+
+
+def normalize_argnums(argnums: Argnums, num_args: int) -> tuple[int, ...]:
+    """Wraps negative argnums against the actual call; always returns a tuple."""
+    requested = argnums if isinstance(argnums, tuple) else (argnums,)
+    wrapped = []
+    for argnum in requested:
+        if not -num_args <= argnum < num_args:
+            raise ValueError(
+                f"jacfd(func, argnums={argnums!r}): got argnum={argnum}, but only "
+                f"{num_args} positional inputs. Pass the differentiated tensors "
+                "positionally, or change argnums."
+            )
+        wrapped.append(argnum % num_args)
+    if len(set(wrapped)) != len(wrapped):
+        raise ValueError(
+            f"jacfd(func, argnums={argnums!r}): argnums refer to the same argument "
+            f"more than once for a call with {num_args} positional inputs."
+        )
+    return tuple(wrapped)
+
+
+def flatten_primals(
+    args: tuple[Any, ...], argnums: tuple[int, ...]
+) -> tuple[list[torch.Tensor], TreeSpec]:
+    """Flattens the differentiated arguments into real floating-point tensors."""
+    leaves, spec = tree_flatten(tuple(args[i] for i in argnums))
+    for leaf in leaves:
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(
+                f"jacfd: the differentiated arguments (argnums={argnums}) must be tensors "
+                f"or pytrees of tensors, got a {type(leaf).__name__}. Convert it with "
+                "torch.as_tensor(..., dtype=torch.float64), or leave it out of argnums."
+            )
+        if not leaf.dtype.is_floating_point:
+            kind = "complex" if leaf.dtype.is_complex else "integer or bool"
+            fix = (
+                "pass its real and imaginary parts as separate real tensors"
+                if leaf.dtype.is_complex
+                else "convert it with .double() or .float(), or leave it out of argnums"
+            )
+            raise TypeError(
+                f"jacfd: differentiated arguments must have a real floating dtype, got a "
+                f"{kind} tensor of dtype {leaf.dtype}; {fix}."
+            )
+    return leaves, spec
+
+
+def replace_primals(
+    args: tuple[Any, ...],
+    argnums: tuple[int, ...],
+    leaves: list[torch.Tensor] | tuple[torch.Tensor, ...],
+    spec: TreeSpec,
+) -> tuple[Any, ...]:
+    """``args`` with the differentiated arguments rebuilt from ``leaves``."""
+    new_args = list(args)
+    for argnum, primal in zip(argnums, tree_unflatten(list(leaves), spec)):
+        new_args[argnum] = primal
+    return tuple(new_args)
+
+
+def split_output(result: Any, has_aux: bool) -> tuple[Any, Any]:
+    """Separates ``(out, aux)`` and checks that both are pytrees of tensors."""
+    aux = None
+    if has_aux:
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise TypeError(
+                "jacfd(func, has_aux=True): func must return a tuple (output, aux), got "
+                f"{_describe(result)}. Return (output, aux), or set has_aux=False."
+            )
+        result, aux = result
+        for leaf in tree_flatten(aux)[0]:
+            if not isinstance(leaf, torch.Tensor):
+                raise TypeError(
+                    "jacfd(func, has_aux=True): aux must be a tensor or a pytree of tensors, "
+                    f"got a {type(leaf).__name__} inside it. Wrap numbers with torch.tensor."
+                )
+    check_output(result)
+    return result, aux
+
+
+def check_output(out: Any) -> None:
+    leaves = tree_flatten(out)[0]
+    if out is None or not leaves:
+        raise TypeError(
+            "jacfd: func must return a tensor or a non-empty pytree of tensors, got "
+            f"{_describe(out)}. Did func forget a return statement?"
+        )
+    for leaf in leaves:
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(
+                "jacfd: func must return a tensor or a pytree of tensors, got a "
+                f"{type(leaf).__name__} in its output. Return torch tensors (wrap numbers "
+                "with torch.as_tensor), or move non-tensor results to aux with has_aux=True."
+            )
+        if not (leaf.dtype.is_floating_point or leaf.dtype.is_complex):
+            raise TypeError(
+                f"jacfd: func returned a tensor of dtype {leaf.dtype}; its Jacobian "
+                "needs floating outputs. Return a floating tensor (e.g. .double()), or "
+                "move it to aux with has_aux=True."
+            )
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, tuple):
+        return f"a tuple of length {len(value)}"
+    return "None" if value is None else f"a {type(value).__name__}"
+
+
+def wraps(func: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``functools.wraps`` minus the attributes that make Dynamo skip the wrapper.
+
+    When ``func`` is itself a compiled function, copying its ``_torchdynamo_*``
+    attributes would make ``torch.compile`` treat our wrapper as already compiled.
+    """
+    import functools
+
+    def decorate(wrapper: Callable[..., Any]) -> Callable[..., Any]:
+        wrapper = functools.wraps(func)(wrapper)
+        for attr in list(wrapper.__dict__):
+            if attr.startswith("_torchdynamo") or attr in _DYNAMO_ATTRS:
+                del wrapper.__dict__[attr]
+        return wrapper
+
+    return decorate
+
+
+_DYNAMO_ATTRS = ("_isolate_recompiles_id", "get_compiler_config", "aot_compile")

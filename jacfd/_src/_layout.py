@@ -1,0 +1,67 @@
+"""Contraction with the stencil weights, and the ``torch.func`` layout.
+
+``contract`` turns the outputs at a chunk's stencil points into that chunk's
+Jacobian columns; ``to_torch_func_layout`` arranges the columns of all chunks
+exactly as ``torch.func.jacfwd`` does (views, no copies).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils._pytree import TreeSpec, tree_unflatten
+
+from ._stencil import Stencil
+
+
+def contract(
+    values: torch.Tensor,
+    center: torch.Tensor | None,
+    stencil: Stencil,
+    steps: torch.Tensor,
+) -> torch.Tensor:
+    """``sum_k w_k f(x + o_k h_j e_j) / h_j`` for each coordinate ``j`` of a chunk.
+
+    ``values`` holds one output leaf at the shifted points, offset-major:
+    shape ``(S * count, *out)``. ``center`` is ``f(x)``, needed when the stencil
+    weighs it. Returns the columns, shape ``(count, *out)``.
+    """
+    weights = stencil.shifted_weights
+    by_offset = values.unflatten(0, (len(weights), steps.numel()))
+    terms = [(by_offset[k], weight) for k, weight in enumerate(weights)]
+    if stencil.center_weight:
+        if center is None:
+            raise AssertionError("the centre point was not evaluated")
+        terms.append((center, stencil.center_weight))
+    # Accumulating with alpha keeps the classical roundings: for forward and
+    # central differences this is exactly (f(x+h) - f(x)) and (f(x+h) - f(x-h)) / 2.
+    total = terms[0][0] * terms[0][1]
+    for value, weight in terms[1:]:
+        total = torch.add(total, value, alpha=weight)
+    real_dtype = total.real.dtype if total.is_complex() else total.dtype
+    h = steps.to(real_dtype).reshape(-1, *([1] * (total.dim() - 1)))
+    return total / h
+
+
+def to_torch_func_layout(
+    columns: list[torch.Tensor],
+    out_spec: TreeSpec,
+    primals: list[torch.Tensor],
+    primals_spec: TreeSpec,
+    single_argnum: bool,
+) -> Any:
+    """Each ``(n, *out)`` column block becomes leaves ``out.shape + in.shape``,
+    nested as output pytree, then the argnums tuple (unless argnums was an
+    int), then the input's pytree."""
+    numels = [p.numel() for p in primals]
+    per_output = []
+    for block in columns:
+        parts = torch.split(block.movedim(0, -1), numels, dim=-1)
+        jacobians = [
+            part.unflatten(-1, p.shape) if p.dim() else part.squeeze(-1)
+            for part, p in zip(parts, primals)
+        ]
+        per_argnum = tree_unflatten(jacobians, primals_spec)
+        per_output.append(per_argnum[0] if single_argnum else per_argnum)
+    return tree_unflatten(per_output, out_spec)

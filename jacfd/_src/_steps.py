@@ -1,0 +1,113 @@
+"""Step rule: how far each coordinate is perturbed.
+
+The default step balances truncation error (~ h**p) against rounding error
+(~ eps / h**q): ``h = eps**(1 / (p + q)) * max(1, |x|)`` in the input's own dtype.
+Every step is then rounded so that ``x + h`` is exactly representable
+(``h = (x + h) - x``), which removes the error of dividing by an ``h`` that is
+not the distance actually travelled.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Union
+
+import torch
+from torch.utils._pytree import TreeSpec, tree_flatten
+
+from typing_extensions import TypeAlias
+
+from ._stencil import Stencil
+
+Delta: TypeAlias = Union[None, float, torch.Tensor, Any]
+
+
+def check_delta(delta: Delta) -> Delta:
+    """Validates a user's ``delta`` once, when the transform is built."""
+    if delta is None:
+        return None
+    leaves, _ = tree_flatten(delta)
+    if not leaves:
+        raise TypeError(
+            "jacfd(func, delta): delta must be None, a positive float, a tensor, or a "
+            f"pytree of them matching the differentiated arguments, got {delta!r}."
+        )
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            if not leaf.dtype.is_floating_point:
+                raise TypeError(
+                    f"jacfd(func, delta): a delta tensor must be floating point, got "
+                    f"dtype {leaf.dtype}. Pass e.g. torch.full_like(x, 1e-6)."
+                )
+            bad = ~(torch.isfinite(leaf) & (leaf > 0))
+            if bool(bad.any()):
+                raise ValueError(
+                    "jacfd(func, delta): every step in a delta tensor must be finite and "
+                    f"positive, got {leaf[bad].flatten()[:3].tolist()}. Use delta=None for "
+                    "the automatic step."
+                )
+        elif isinstance(leaf, (int, float)) and not isinstance(leaf, bool):
+            if not (math.isfinite(leaf) and leaf > 0):
+                raise ValueError(
+                    f"jacfd(func, delta): delta must be finite and positive, got {leaf!r}. "
+                    "Use delta=None for the automatic step, or e.g. delta=1e-6."
+                )
+        else:
+            raise TypeError(
+                "jacfd(func, delta): delta must be None, a positive float, a tensor, or a "
+                f"pytree of them matching the differentiated arguments, got a "
+                f"{type(leaf).__name__}."
+            )
+    return delta
+
+
+def match_delta(delta: Delta, leaves: list[torch.Tensor], spec: TreeSpec) -> list[Any]:
+    """One step specification (None, float or tensor) per differentiated leaf."""
+    if delta is None or isinstance(delta, (int, float)):
+        return [delta] * len(leaves)
+    if isinstance(delta, torch.Tensor):
+        if len(leaves) != 1:
+            raise ValueError(
+                f"jacfd(func, delta): a single delta tensor is ambiguous for "
+                f"{len(leaves)} differentiated tensors; pass a pytree of steps with the "
+                "same structure as the differentiated arguments, or a float."
+            )
+        steps = [delta]
+    else:
+        steps, delta_spec = tree_flatten(delta)
+        # The primals are always flattened as a tuple of arguments; accept a bare
+        # pytree for the common single-argument case too.
+        if delta_spec != spec and tree_flatten((delta,))[1] != spec:
+            raise ValueError(
+                "jacfd(func, delta): the structure of delta does not match the "
+                f"differentiated arguments.\n  delta:     {delta_spec}\n  arguments: {spec}"
+            )
+    for step, leaf in zip(steps, leaves):
+        if isinstance(step, torch.Tensor):
+            try:
+                torch.broadcast_shapes(step.shape, leaf.shape)
+            except RuntimeError:
+                raise ValueError(
+                    f"jacfd(func, delta): a delta tensor of shape {tuple(step.shape)} does "
+                    f"not broadcast to its argument of shape {tuple(leaf.shape)}."
+                ) from None
+    return steps
+
+
+def exact_steps(leaf: torch.Tensor, step: Any, stencil: Stencil) -> torch.Tensor:
+    """Flat, detached, exactly representable steps for one differentiated leaf.
+
+    The steps are constants for autograd: ``grad`` through jacfd then equals the
+    finite difference of the gradient taken with the same steps.
+    """
+    x = leaf.detach().reshape(-1)
+    if step is None:
+        relative = torch.finfo(x.dtype).eps ** stencil.step_exponent
+        h = relative * x.abs().clamp_min(1.0)
+    elif isinstance(step, torch.Tensor):
+        h = step.detach().to(x).expand(leaf.shape).reshape(-1)
+    else:
+        h = torch.full_like(x, float(step))
+    if stencil.leading_direction > 0:
+        return (x + h) - x
+    return x - (x - h)
