@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_map
@@ -21,7 +21,7 @@ from ._inputs import (
 )
 from ._layout import contract, to_torch_func_layout
 from ._perturb import count_calls, perturb, plan_chunks
-from ._steps import Delta, check_delta, exact_steps, match_delta
+from ._steps import NOISE_EXPONENT, Delta, check_delta, exact_steps, match_delta
 from ._stencil import SCHEMES, Scheme, get_stencil
 
 
@@ -105,7 +105,8 @@ def jacfd(
         if chunk_size <= 0:
             raise ValueError(
                 f"jacfd(func, chunk_size={chunk_size}): chunk_size must be positive; use "
-                "None for one vmap call, or 1 for a plain loop without vmap."
+                "chunk_size=None for one vmap call, or chunk_size=1 for a plain loop "
+                "without vmap."
             )
     if randomness not in RANDOMNESS:
         raise ValueError(
@@ -115,14 +116,15 @@ def jacfd(
     if not isinstance(has_aux, bool):
         raise TypeError(f"jacfd(func, has_aux): has_aux must be a bool, got {has_aux!r}.")
 
+    # A function made by jacfd is itself accurate only to ~eps**noise_exponent
+    # (2/3 for central differences), so a jacfd around it must step further.
+    noise_exponent = getattr(func, NOISE_EXPONENT, 1.0)
+
     @wraps(func)
     def jacobian(*args: Any, **kwargs: Any) -> Any:
         argnums_ = normalize_argnums(argnums, len(args))
         primals, primals_spec = flatten_primals(args, argnums_)
-        steps = [
-            exact_steps(leaf, step, stencil)
-            for leaf, step in zip(primals, match_delta(delta, primals, primals_spec))
-        ]
+        step_specs = match_delta(delta, primals, primals_spec)
 
         def at_point(*leaves: torch.Tensor) -> tuple[Any, ...]:
             result = func(*replace_primals(args, argnums_, leaves, primals_spec), **kwargs)
@@ -139,31 +141,58 @@ def jacfd(
         elif randomness == "error" and chunk_size == 1 and not torch.compiler.is_compiling():
             rng = RandomState([leaf.device for leaf in primals])
 
-        flat_steps = torch.cat(steps) if len(steps) > 1 else steps[0]
-        blocks: list[list[torch.Tensor]] = []
-        center: list[torch.Tensor | None] = []
-        aux: Any = None
-        for chunk in chunks:
-            leaves, in_dims = perturb(primals, steps, offsets, chunk)
-            rows = chunk.rows(num_offsets)
-            outputs = evaluate(at_point, leaves, in_dims, rows, chunk_size, randomness, rng)
-            flat_out, out_spec = tree_flatten(outputs[0])
-            if chunk.with_center:
-                center = [value[0] for value in flat_out]
-                flat_out = [value[1:] for value in flat_out]
-                if has_aux:
-                    aux = tree_map(lambda value: value[0], outputs[1])
-            chunk_steps = flat_steps[chunk.start : chunk.stop]
-            blocks.append(
-                [
-                    contract(values, center[k] if center else None, stencil, chunk_steps)
-                    for k, values in enumerate(flat_out)
-                ]
-            )
-        columns = [torch.cat(parts) if len(parts) > 1 else parts[0] for parts in zip(*blocks)]
+        def differences(output_eps: float) -> tuple[list[torch.Tensor], Any, Any] | float:
+            """The Jacobian columns, output spec and aux; or, if the outputs turn
+            out coarser than an input whose step was automatic, their eps."""
+            steps = [
+                exact_steps(leaf, spec, stencil, precision(leaf, output_eps))
+                for leaf, spec in zip(primals, step_specs)
+            ]
+            flat_steps = torch.cat(steps) if len(steps) > 1 else steps[0]
+            blocks: list[list[torch.Tensor]] = []
+            center: list[torch.Tensor] = []
+            aux: Any = None
+            for chunk in chunks:
+                leaves, in_dims = perturb(primals, steps, offsets, chunk)
+                rows = chunk.rows(num_offsets)
+                outputs = evaluate(at_point, leaves, in_dims, rows, chunk_size, randomness, rng)
+                flat_out, out_spec = tree_flatten(outputs[0])
+                if not blocks:
+                    coarsest = max(torch.finfo(value.dtype).eps for value in flat_out)
+                    if coarsest > output_eps and any(
+                        spec is None and torch.finfo(leaf.dtype).eps < coarsest
+                        for leaf, spec in zip(primals, step_specs)
+                    ):
+                        return coarsest
+                if chunk.with_center:
+                    center = [value[0] for value in flat_out]
+                    flat_out = [value[1:] for value in flat_out]
+                    if has_aux:
+                        aux = tree_map(lambda value: value[0], outputs[1])
+                chunk_steps = flat_steps[chunk.start : chunk.stop]
+                blocks.append(
+                    [
+                        contract(values, center[k] if center else None, stencil, chunk_steps)
+                        for k, values in enumerate(flat_out)
+                    ]
+                )
+            columns = [torch.cat(parts) if len(parts) > 1 else parts[0] for parts in zip(*blocks)]
+            return columns, out_spec, aux
+
+        def precision(leaf: torch.Tensor, output_eps: float) -> float:
+            """Relative accuracy of func's values near ``leaf``: the coarser of the
+            input's and the output's eps, worsened by any jacfd inside func."""
+            return max(torch.finfo(leaf.dtype).eps, output_eps) ** noise_exponent
+
+        result = differences(0.0)
+        if isinstance(result, float):  # func computes coarser than its inputs
+            result = differences(result)
+        # With the coarsest output eps as the floor, no second restart can occur.
+        columns, out_spec, aux = cast("tuple[list[torch.Tensor], Any, Any]", result)
         jac = to_torch_func_layout(
             columns, out_spec, primals, primals_spec, isinstance(argnums, int)
         )
         return (jac, aux) if has_aux else jac
 
+    setattr(jacobian, NOISE_EXPONENT, noise_exponent * stencil.accuracy_exponent)
     return jacobian

@@ -54,6 +54,11 @@ class Stencil:
         return 1.0 / (self.accuracy + self.derivative)
 
     @property
+    def accuracy_exponent(self) -> float:
+        """At the balanced step the error is ~ eps**(p / (p + q)) relative."""
+        return self.accuracy / (self.accuracy + self.derivative)
+
+    @property
     def leading_direction(self) -> int:
         """+1 if the stencil reaches furthest to the right, else -1.
 

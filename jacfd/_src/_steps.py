@@ -21,6 +21,10 @@ from ._stencil import Stencil
 
 Delta: TypeAlias = Union[None, float, torch.Tensor, Any]
 
+NOISE_EXPONENT = "_jacfd_noise_exponent"
+"""Attribute of a function made by jacfd: its values are accurate to about
+``eps**exponent`` relative, which is what a jacfd around it must step against."""
+
 
 def check_delta(delta: Delta) -> Delta:
     """Validates a user's ``delta`` once, when the transform is built."""
@@ -94,15 +98,20 @@ def match_delta(delta: Delta, leaves: list[torch.Tensor], spec: TreeSpec) -> lis
     return steps
 
 
-def exact_steps(leaf: torch.Tensor, step: Any, stencil: Stencil) -> torch.Tensor:
+def exact_steps(
+    leaf: torch.Tensor, step: Any, stencil: Stencil, precision: float
+) -> torch.Tensor:
     """Flat, detached, exactly representable steps for one differentiated leaf.
+
+    ``precision`` is the relative accuracy of func's values (the dtype's eps for
+    an ordinary function); the automatic step is ``precision**(1/(p+q))``.
 
     The steps are constants for autograd: ``grad`` through jacfd then equals the
     finite difference of the gradient taken with the same steps.
     """
     x = leaf.detach().reshape(-1)
     if step is None:
-        relative = torch.finfo(x.dtype).eps ** stencil.step_exponent
+        relative = precision**stencil.step_exponent
         h = relative * x.abs().clamp_min(1.0)
     elif isinstance(step, torch.Tensor):
         h = step.detach().to(x).expand(leaf.shape).reshape(-1)

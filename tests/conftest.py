@@ -1,0 +1,53 @@
+"""Shared tolerances, derived from the error theory of each scheme.
+
+A stencil of accuracy order p for a derivative of order q, with the automatic
+step h = eps**(1/(p+q)) * max(1, |x|), has total error
+
+    E ~ C1 * eps * |f| / h**q + C2 * |f^(p+q)| * h**p  ~  C * eps**(p / (p + q))
+
+where C collects the stencil constants, the size of f and of its derivatives on
+the test inputs, and the rounding of f's own evaluation. On the test zoo
+(|x| <= 3, derivatives of order <= 3 bounded by ~10, a few dozen operations
+per evaluation) C stays below ``SAFETY``. Half precision evaluates f itself
+with relative error ~ eps per operation and is checked only on small
+functions, with the same formula.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten
+
+torch.set_default_dtype(torch.float32)
+
+ACCURACY = {"forward": 1, "backward": 1, "central": 2}
+SAFETY = 50.0
+
+
+def fd_tolerance(dtype: torch.dtype, scheme: str, derivative: int = 1) -> float:
+    """Relative tolerance ``SAFETY * eps**(p / (p + q))`` for one scheme and dtype."""
+    p = ACCURACY[scheme]
+    return SAFETY * torch.finfo(dtype).eps ** (p / (p + derivative))
+
+
+def assert_jacobian_close(
+    actual: Any, expected: Any, dtype: torch.dtype, scheme: str = "central", factor: float = 1.0
+) -> None:
+    """Same pytree structure, shapes and dtypes; entries within the theoretical
+    tolerance, relative to ``max(1, max|expected|)`` over each leaf."""
+    actual_leaves, actual_spec = tree_flatten(actual)
+    expected_leaves, expected_spec = tree_flatten(expected)
+    assert actual_spec == expected_spec, f"structure {actual_spec} != {expected_spec}"
+    tol = factor * fd_tolerance(dtype, scheme)
+    for a, e in zip(actual_leaves, expected_leaves):
+        assert isinstance(a, torch.Tensor)
+        assert a.shape == e.shape, f"shape {tuple(a.shape)} != {tuple(e.shape)}"
+        assert a.dtype == e.dtype, f"dtype {a.dtype} != {e.dtype}"
+        if a.numel() == 0:
+            continue
+        scale = max(1.0, e.abs().max().item())
+        wide = torch.promote_types(a.dtype, torch.float64)
+        error = (a.to(wide) - e.to(wide)).abs().max().item()
+        assert error <= tol * scale, f"max error {error:.3e} > {tol * scale:.3e} ({dtype}, {scheme})"
