@@ -18,13 +18,13 @@ from typing_extensions import TypeAlias
 Randomness: TypeAlias = Literal["error", "same", "different"]
 RANDOMNESS: tuple[str, ...] = ("error", "same", "different")
 
-_VMAP_HINT = (
+VMAP_HINT = (
     "If func works on ordinary tensors, it probably does something torch.vmap cannot "
     "batch (.item(), .numpy(), data-dependent Python control flow, an in-place write "
     "into a captured tensor, or an op with no batching rule): pass chunk_size=1 to "
     "evaluate the stencil points one at a time without vmap."
 )
-_RANDOM_HINT = (
+RANDOM_HINT = (
     "func draws random numbers. Pass randomness='same' so that every stencil point "
     "sees the same random numbers (common random numbers); with 'different' the "
     "differences are dominated by noise."
@@ -55,31 +55,47 @@ class RandomState:
         )
 
 
+Builder: TypeAlias = Callable[[int, int], "tuple[Sequence[torch.Tensor], Sequence[int | None]]"]
+"""``build(start, stop)``: the leaves of rows ``start:stop``, each batched along
+dim 0 (in_dims 0) or shared by all rows (in_dims None)."""
+
+
+def rows_of(
+    leaves: Sequence[torch.Tensor], in_dims: Sequence[int | None]
+) -> Builder:
+    """A builder slicing prebuilt batched leaves."""
+
+    def build(start: int, stop: int) -> tuple[list[torch.Tensor], Sequence[int | None]]:
+        return [x[start:stop] if d is not None else x for x, d in zip(leaves, in_dims)], in_dims
+
+    return build
+
+
 def evaluate(
     fn: Callable[..., Any],
-    leaves: Sequence[torch.Tensor],
-    in_dims: Sequence[int | None],
+    build: Builder,
     rows: int,
     chunk_size: int | None,
     randomness: Randomness,
     rng: RandomState | None,
 ) -> Any:
-    """``fn`` at ``rows`` points, at most ``chunk_size`` per call.
+    """``fn`` at ``rows`` points, at most ``chunk_size`` per call, stacked.
 
     ``rng`` is set when the calls must share random numbers (``randomness="same"``
     across several calls), or when a plain loop must detect randomness that
     ``randomness="error"`` forbids.
     """
-    if chunk_size == 1 or all(d is None for d in in_dims):
-        return _loop(fn, leaves, in_dims, rows, randomness, rng)
     step = rows if chunk_size is None else chunk_size
     pieces = []
     for start in range(0, rows, step):
         stop = min(start + step, rows)
-        sliced = [x[start:stop] if d is not None else x for x, d in zip(leaves, in_dims)]
-        if rng is not None:
-            rng.restore()
-        pieces.append(_vmap(fn, sliced, in_dims, randomness))
+        leaves, in_dims = build(start, stop)
+        if chunk_size == 1 or all(d is None for d in in_dims):
+            pieces.append(_loop(fn, leaves, in_dims, stop - start, randomness, rng))
+        else:
+            if rng is not None:
+                rng.restore()
+            pieces.append(_vmap(fn, leaves, in_dims, randomness))
     if len(pieces) == 1:
         return pieces[0]
     return tree_map(lambda *parts: torch.cat(parts), *pieces)
@@ -93,12 +109,12 @@ def _vmap(
 ) -> Any:
     try:
         return torch.func.vmap(fn, in_dims=tuple(in_dims), randomness=randomness)(*leaves)
-    except RuntimeError as error:
+    except (RuntimeError, NotImplementedError) as error:
         message = str(error)
         if message.startswith("jacfd"):  # a nested jacfd has already explained it
             raise
-        hint = _RANDOM_HINT if "random" in message else _VMAP_HINT
-        raise RuntimeError(
+        hint = RANDOM_HINT if "random" in message else VMAP_HINT
+        raise type(error)(
             f"jacfd: evaluating func under torch.vmap failed: {message}\n{hint}"
         ) from error
 
@@ -116,9 +132,9 @@ def _loop(
         if rng is not None and randomness == "same":
             rng.restore()
         outputs.append(fn(*[x[row] if d is not None else x for x, d in zip(leaves, in_dims)]))
-        if rng is not None and randomness == "error" and row == 0 and not rng.unchanged():
+        if rng is not None and randomness == "error" and not rng.unchanged():
             raise RuntimeError(
                 "jacfd: func used the random number generator while randomness='error'. "
-                + _RANDOM_HINT
+                + RANDOM_HINT
             )
     return tree_map(lambda *values: torch.stack(values), *outputs)

@@ -18,59 +18,60 @@ from typing_extensions import TypeAlias
 Argnums: TypeAlias = "int | tuple[int, ...]"
 
 
-def check_callable(func: object) -> None:
+def check_callable(name: str, func: object) -> None:
     if not callable(func):
         raise TypeError(
-            f"jacfd(func): func must be callable, got {type(func).__name__}. "
-            "Pass the function itself, e.g. jacfd(model) or jacfd(torch.sin)."
+            f"{name}(func): func must be callable, got {type(func).__name__}. "
+            f"Pass the function itself, e.g. {name}(model) or {name}(torch.sin)."
         )
 
 
-def check_argnums(argnums: object) -> None:
+def check_argnums(name: str, argnums: object) -> None:
     """Checks the type, emptiness and uniqueness of argnums as written."""
     if isinstance(argnums, bool) or not isinstance(argnums, (int, tuple)):
         raise TypeError(
-            f"jacfd(func, argnums): argnums must be int or Tuple[int, ...], "
+            f"{name}(func, argnums): argnums must be int or Tuple[int, ...], "
             f"got {type(argnums).__name__}. Write argnums=(0, 1), not [0, 1]."
         )
     if isinstance(argnums, tuple):
         if not argnums:
             raise ValueError(
-                "jacfd(func, argnums): argnums must be non-empty; "
+                f"{name}(func, argnums): argnums must be non-empty; "
                 "pass the index of at least one positional argument, e.g. argnums=0."
             )
         if any(isinstance(a, bool) or not isinstance(a, int) for a in argnums):
             raise TypeError(
-                f"jacfd(func, argnums): argnums must be int or Tuple[int, ...], got {argnums!r}."
+                f"{name}(func, argnums): argnums must be int or Tuple[int, ...], got {argnums!r}."
             )
         if len(set(argnums)) != len(argnums):
             raise ValueError(
-                f"jacfd(func, argnums): argnums elements must be unique, got {argnums!r}. "
+                f"{name}(func, argnums): argnums elements must be unique, got {argnums!r}. "
                 "List each positional argument once."
             )
 
 
-def normalize_argnums(argnums: Argnums, num_args: int) -> tuple[int, ...]:
+def normalize_argnums(name: str, argnums: Argnums, num_args: int) -> tuple[int, ...]:
     """Wraps negative argnums against the actual call; always returns a tuple."""
     requested = argnums if isinstance(argnums, tuple) else (argnums,)
     wrapped = []
     for argnum in requested:
         if not -num_args <= argnum < num_args:
             raise ValueError(
-                f"jacfd(func, argnums={argnums!r}): got argnum={argnum}, but only "
+                f"{name}(func, argnums={argnums!r}): got argnum={argnum}, but only "
                 f"{num_args} positional inputs. Pass the differentiated tensors "
                 "positionally, or change argnums."
             )
         wrapped.append(argnum % num_args)
     if len(set(wrapped)) != len(wrapped):
         raise ValueError(
-            f"jacfd(func, argnums={argnums!r}): argnums refer to the same argument "
+            f"{name}(func, argnums={argnums!r}): argnums refer to the same argument "
             f"more than once for a call with {num_args} positional inputs."
         )
     return tuple(wrapped)
 
 
 def flatten_primals(
+    name: str,
     args: tuple[Any, ...], argnums: tuple[int, ...]
 ) -> tuple[list[torch.Tensor], TreeSpec]:
     """Flattens the differentiated arguments into real floating-point tensors."""
@@ -78,7 +79,7 @@ def flatten_primals(
     for leaf in leaves:
         if not isinstance(leaf, torch.Tensor):
             raise TypeError(
-                f"jacfd: the differentiated arguments (argnums={argnums}) must be tensors "
+                f"{name}: the differentiated arguments (argnums={argnums}) must be tensors "
                 f"or pytrees of tensors, got a {type(leaf).__name__}. Convert it with "
                 "torch.as_tensor(..., dtype=torch.float64), or leave it out of argnums."
             )
@@ -90,7 +91,7 @@ def flatten_primals(
                 else "convert it with .double() or .float(), or leave it out of argnums"
             )
             raise TypeError(
-                f"jacfd: differentiated arguments must have a real floating dtype, got a "
+                f"{name}: differentiated arguments must have a real floating dtype, got a "
                 f"{kind} tensor of dtype {leaf.dtype}; {fix}."
             )
     return leaves, spec
@@ -109,43 +110,43 @@ def replace_primals(
     return tuple(new_args)
 
 
-def split_output(result: Any, has_aux: bool) -> tuple[Any, Any]:
+def split_output(name: str, result: Any, has_aux: bool) -> tuple[Any, Any]:
     """Separates ``(out, aux)`` and checks that both are pytrees of tensors."""
     aux = None
     if has_aux:
         if not (isinstance(result, tuple) and len(result) == 2):
             raise TypeError(
-                "jacfd(func, has_aux=True): func must return a tuple (output, aux), got "
+                f"{name}(func, has_aux=True): func must return a tuple (output, aux), got "
                 f"{_describe(result)}. Return (output, aux), or set has_aux=False."
             )
         result, aux = result
         for leaf in tree_flatten(aux)[0]:
             if not isinstance(leaf, torch.Tensor):
                 raise TypeError(
-                    "jacfd(func, has_aux=True): aux must be a tensor or a pytree of tensors, "
+                    f"{name}(func, has_aux=True): aux must be a tensor or a pytree of tensors, "
                     f"got a {type(leaf).__name__} inside it. Wrap numbers with torch.tensor."
                 )
-    check_output(result)
+    check_output(name, result)
     return result, aux
 
 
-def check_output(out: Any) -> None:
+def check_output(name: str, out: Any) -> None:
     leaves = tree_flatten(out)[0]
     if out is None or not leaves:
         raise TypeError(
-            "jacfd: func must return a tensor or a non-empty pytree of tensors, got "
+            f"{name}: func must return a tensor or a non-empty pytree of tensors, got "
             f"{_describe(out)}. Did func forget a return statement?"
         )
     for leaf in leaves:
         if not isinstance(leaf, torch.Tensor):
             raise TypeError(
-                "jacfd: func must return a tensor or a pytree of tensors, got a "
+                f"{name}: func must return a tensor or a pytree of tensors, got a "
                 f"{type(leaf).__name__} in its output. Return torch tensors (wrap numbers "
                 "with torch.as_tensor), or move non-tensor results to aux with has_aux=True."
             )
         if not (leaf.dtype.is_floating_point or leaf.dtype.is_complex):
             raise TypeError(
-                f"jacfd: func returned a tensor of dtype {leaf.dtype}; its Jacobian "
+                f"{name}: func returned a tensor of dtype {leaf.dtype}; its Jacobian "
                 "needs floating outputs. Return a floating tensor (e.g. .double()), or "
                 "move it to aux with has_aux=True."
             )

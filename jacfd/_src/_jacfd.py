@@ -1,28 +1,22 @@
-"""The ``jacfd`` transform: finite-difference Jacobians in ``torch.func`` layout."""
+"""``jacfd`` and ``jacfd_with_error``: finite-difference Jacobians in ``torch.func`` layout."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_map
 
-from ._evaluate import RANDOMNESS, RandomState, Randomness, evaluate
-from ._inputs import (
-    Argnums,
-    check_argnums,
-    check_callable,
-    flatten_primals,
-    normalize_argnums,
-    replace_primals,
-    split_output,
-    wraps,
-)
-from ._layout import contract, to_torch_func_layout
-from ._perturb import count_calls, perturb, plan_chunks
-from ._steps import NOISE_EXPONENT, Delta, check_delta, exact_steps, match_delta
-from ._stencil import SCHEMES, Scheme, get_stencil
+from ._engine import check_options, coordinate_columns, prepare
+from ._evaluate import Randomness
+from ._inputs import Argnums, wraps
+from ._layout import Contraction, to_torch_func_layout
+from ._steps import NOISE_EXPONENT, Delta
+from ._stencil import Scheme, richardson
+
+ROUNDING_SAFETY = 4.0
+"""Rounding error of one evaluation of f, in units of eps * |f|: a few ulps for
+the element-wise and matmul-based functions of the error-estimate tests."""
 
 
 def jacfd(
@@ -31,6 +25,7 @@ def jacfd(
     delta: Delta = None,
     scheme: Scheme = "central",
     *,
+    order: int | None = None,
     has_aux: bool = False,
     chunk_size: int | None = None,
     randomness: Randomness = "error",
@@ -49,15 +44,23 @@ def jacfd(
         argnums: Which positional argument(s) to differentiate: an int or a tuple
             of ints; negative values count from the end. Each may be a tensor or
             a pytree of tensors with a real floating dtype.
-        delta: The step. ``None`` (default) picks, per element and dtype,
-            ``eps**(1/2) * max(1, |x|)`` for one-sided schemes and
-            ``eps**(1/3) * max(1, |x|)`` for ``"central"``. A positive float is an
-            absolute step for every element. A tensor (broadcastable to the one
-            differentiated tensor) or a pytree of tensors and floats matching the
-            differentiated arguments gives per-element steps. Steps are always
+        delta: The step. ``None`` (default) picks, per element,
+            ``eps**(1/(p+1)) * max(1, |x|)`` for a scheme of order ``p``:
+            ``eps**(1/2)`` for ``"forward"``, ``eps**(1/3)`` for ``"central"``,
+            and ``eps`` itself for ``"complex"``. ``eps`` is the input dtype's, or
+            the output's if func returns a less precise dtype. A positive float
+            is an absolute step for every element. A tensor (broadcastable to the
+            one differentiated tensor) or a pytree of tensors and floats matching
+            the differentiated arguments gives per-element steps. Real steps are
             rounded so that ``x + h`` is exactly representable.
-        scheme: ``"central"`` (default, error O(h**2)), ``"forward"`` or
-            ``"backward"`` (error O(h), one evaluation per coordinate plus one).
+        scheme: ``"central"`` (default), ``"forward"``, ``"backward"``, or
+            ``"complex"``: the complex step ``Im f(x + ih) / h``, exact to
+            rounding for real-analytic ``func`` that accepts complex tensors.
+        order: The power of ``h`` in the truncation error: 2 (default), 4, 6 or 8
+            for ``"central"`` (3, 5, 7 or 9 points); 1 (default) to 4 for
+            ``"forward"``/``"backward"``. Higher orders cost more evaluations
+            per coordinate and take larger steps, for errors near
+            ``eps**(p/(p+1))``.
         has_aux: ``func`` returns ``(output, aux)``; the result is then
             ``(jacobian, aux)`` with ``aux`` taken at the unperturbed inputs.
         chunk_size: ``None`` evaluates every stencil point in one vmap call. A
@@ -74,8 +77,9 @@ def jacfd(
     Returns:
         A function taking the same arguments as ``func`` and returning its
         Jacobian: each leaf has shape ``out_leaf.shape + in_leaf.shape`` and the
-        dtype of ``out_leaf``; the nesting is the output pytree, then the argnums
-        tuple (if argnums is a tuple), then the input pytree.
+        dtype of ``out_leaf`` (its real dtype for ``"complex"``); the nesting is
+        the output pytree, then the argnums tuple (if argnums is a tuple), then
+        the input pytree.
 
     Examples:
         >>> import torch
@@ -86,113 +90,103 @@ def jacfd(
         True
         >>> jacfd(lambda x, y: x * y, argnums=(0, 1))(x, x)[1].shape
         torch.Size([3, 3])
+        >>> J = jacfd(torch.exp, scheme="complex")(x)
+        >>> bool((J - torch.diag(torch.exp(x))).abs().max() < 1e-15)
+        True
     """
-    check_callable(func)
-    check_argnums(argnums)
-    if scheme not in SCHEMES:
-        raise ValueError(
-            f"jacfd(func, scheme={scheme!r}): unknown scheme; choose one of {SCHEMES}."
-        )
-    stencil = get_stencil(scheme)
+    options = check_options(
+        "jacfd", func, argnums, delta, scheme, order, has_aux, chunk_size, randomness
+    )
+    stencil = options.stencil
     offsets = stencil.shifted_offsets
-    delta = check_delta(delta)
-    if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-            raise TypeError(
-                f"jacfd(func, chunk_size): chunk_size must be None or a positive int, "
-                f"got {type(chunk_size).__name__}."
-            )
-        if chunk_size <= 0:
-            raise ValueError(
-                f"jacfd(func, chunk_size={chunk_size}): chunk_size must be positive; use "
-                "chunk_size=None for one vmap call, or chunk_size=1 for a plain loop "
-                "without vmap."
-            )
-    if randomness not in RANDOMNESS:
-        raise ValueError(
-            f"jacfd(func, randomness={randomness!r}): unknown randomness; choose one of "
-            f"{RANDOMNESS} (as in torch.func.vmap)."
-        )
-    if not isinstance(has_aux, bool):
-        raise TypeError(f"jacfd(func, has_aux): has_aux must be a bool, got {has_aux!r}.")
-
-    # A function made by jacfd is itself accurate only to ~eps**noise_exponent
-    # (2/3 for central differences), so a jacfd around it must step further.
-    noise_exponent = getattr(func, NOISE_EXPONENT, 1.0)
+    contraction = Contraction.of(stencil, offsets)
 
     @wraps(func)
     def jacobian(*args: Any, **kwargs: Any) -> Any:
-        argnums_ = normalize_argnums(argnums, len(args))
-        primals, primals_spec = flatten_primals(args, argnums_)
-        step_specs = match_delta(delta, primals, primals_spec)
-
-        def at_point(*leaves: torch.Tensor) -> tuple[Any, ...]:
-            result = func(*replace_primals(args, argnums_, leaves, primals_spec), **kwargs)
-            out, aux = split_output(result, has_aux)
-            return (out, aux) if has_aux else (out,)
-
-        num_offsets = len(offsets)
-        num_coordinates = sum(leaf.numel() for leaf in primals)
-        need_center = bool(stencil.center_weight) or has_aux
-        chunks = plan_chunks(num_coordinates, num_offsets, need_center, chunk_size)
-        rng = None
-        if randomness == "same" and count_calls(chunks, num_offsets, chunk_size) > 1:
-            rng = RandomState([leaf.device for leaf in primals])
-        elif randomness == "error" and chunk_size == 1 and not torch.compiler.is_compiling():
-            rng = RandomState([leaf.device for leaf in primals])
-
-        def differences(output_eps: float) -> tuple[list[torch.Tensor], Any, Any] | float:
-            """The Jacobian columns, output spec and aux; or, if the outputs turn
-            out coarser than an input whose step was automatic, their eps."""
-            steps = [
-                exact_steps(leaf, spec, stencil, precision(leaf, output_eps))
-                for leaf, spec in zip(primals, step_specs)
-            ]
-            flat_steps = torch.cat(steps) if len(steps) > 1 else steps[0]
-            blocks: list[list[torch.Tensor]] = []
-            center: list[torch.Tensor] = []
-            aux: Any = None
-            for chunk in chunks:
-                leaves, in_dims = perturb(primals, steps, offsets, chunk)
-                rows = chunk.rows(num_offsets)
-                outputs = evaluate(at_point, leaves, in_dims, rows, chunk_size, randomness, rng)
-                flat_out, out_spec = tree_flatten(outputs[0])
-                if not blocks:
-                    coarsest = max(torch.finfo(value.dtype).eps for value in flat_out)
-                    if coarsest > output_eps and any(
-                        spec is None and torch.finfo(leaf.dtype).eps < coarsest
-                        for leaf, spec in zip(primals, step_specs)
-                    ):
-                        return coarsest
-                if chunk.with_center:
-                    center = [value[0] for value in flat_out]
-                    flat_out = [value[1:] for value in flat_out]
-                    if has_aux:
-                        aux = tree_map(lambda value: value[0], outputs[1])
-                chunk_steps = flat_steps[chunk.start : chunk.stop]
-                blocks.append(
-                    [
-                        contract(values, center[k] if center else None, stencil, chunk_steps)
-                        for k, values in enumerate(flat_out)
-                    ]
-                )
-            columns = [torch.cat(parts) if len(parts) > 1 else parts[0] for parts in zip(*blocks)]
-            return columns, out_spec, aux
-
-        def precision(leaf: torch.Tensor, output_eps: float) -> float:
-            """Relative accuracy of func's values near ``leaf``: the coarser of the
-            input's and the output's eps, worsened by any jacfd inside func."""
-            return max(torch.finfo(leaf.dtype).eps, output_eps) ** noise_exponent
-
-        result = differences(0.0)
-        if isinstance(result, float):  # func computes coarser than its inputs
-            result = differences(result)
-        # With the coarsest output eps as the floor, no second restart can occur.
-        columns, out_spec, aux = cast("tuple[list[torch.Tensor], Any, Any]", result)
-        jac = to_torch_func_layout(
-            columns, out_spec, primals, primals_spec, isinstance(argnums, int)
+        call = prepare(func, args, kwargs, options)
+        columns = coordinate_columns(
+            call, options, offsets, [contraction], need_center=bool(stencil.center_weight)
         )
-        return (jac, aux) if has_aux else jac
+        jac = to_torch_func_layout(
+            columns.blocks[0], columns.out_spec, call.primals, call.spec, isinstance(argnums, int)
+        )
+        return (jac, columns.aux) if has_aux else jac
 
-    setattr(jacobian, NOISE_EXPONENT, noise_exponent * stencil.accuracy_exponent)
+    # Values of this function are accurate to ~eps**(p/(p+q)) of func's own: a
+    # jacfd around it reads this to size its step for that noise, not for eps.
+    setattr(jacobian, NOISE_EXPONENT, options.noise_exponent * stencil.accuracy_exponent)
     return jacobian
+
+
+def jacfd_with_error(
+    func: Callable[..., Any],
+    argnums: Argnums = 0,
+    delta: Delta = None,
+    scheme: Scheme = "central",
+    *,
+    order: int | None = None,
+    has_aux: bool = False,
+    chunk_size: int | None = None,
+    randomness: Randomness = "error",
+) -> Callable[..., Any]:
+    """A Richardson-extrapolated Jacobian, with a per-entry estimate of its error.
+
+    ``func`` is evaluated once, at the stencil points for the steps ``h`` and
+    ``2h``. The two estimates ``D_h`` and ``D_2h`` (error ``c h**p``) combine to
+    ``(2**p D_h - D_2h) / (2**p - 1)``, which cancels the leading error term.
+    The error estimate adds the spread ``|D_h - D_2h| / (2**p - 1)`` (the
+    truncation error of ``D_h``, an upper bound for the extrapolated result's)
+    and a rounding bound ``4 eps sum_k |w_k| |f(x_k)| / h``.
+
+    Takes the same arguments as :func:`jacfd`; the step rule is that of
+    ``scheme`` and ``order``, and costs twice its evaluations.
+
+    Returns:
+        A function returning ``(jacobian, error)``, or ``(jacobian, error, aux)``
+        with ``has_aux``: two pytrees in :func:`jacfd`'s layout, ``error`` >= 0.
+
+    Examples:
+        >>> import torch
+        >>> from jacfd import jacfd_with_error
+        >>> x = torch.tensor([0.5, 1.0], dtype=torch.float64)
+        >>> J, err = jacfd_with_error(torch.sin)(x)
+        >>> bool(((J - torch.diag(torch.cos(x))).abs() <= err).all())
+        True
+    """
+    options = check_options(
+        "jacfd_with_error", func, argnums, delta, scheme, order, has_aux, chunk_size, randomness
+    )
+    extrapolated, spread = richardson(options.stencil)
+    offsets = tuple(o for o in extrapolated.offsets if o != 0)
+    contractions = [
+        Contraction.of(extrapolated, offsets),
+        Contraction.of(spread, offsets),
+        Contraction.of(extrapolated, offsets, absolute=True),
+    ]
+
+    @wraps(func)
+    def jacobian_with_error(*args: Any, **kwargs: Any) -> Any:
+        call = prepare(func, args, kwargs, options)
+        columns = coordinate_columns(
+            call, options, offsets, contractions, need_center=bool(extrapolated.center_weight)
+        )
+        jac_blocks, spread_blocks, magnitude_blocks = columns.blocks
+        # The rounding of one evaluation, relative: eps of the coarser of input and output.
+        input_eps = torch.cat(
+            [
+                torch.full((leaf.numel(),), torch.finfo(leaf.dtype).eps, dtype=torch.float64)
+                for leaf in call.primals
+            ]
+        )
+        error_blocks = []
+        for spread_block, magnitude in zip(spread_blocks, magnitude_blocks):
+            eps = input_eps.clamp_min(torch.finfo(magnitude.dtype).eps)
+            eps = (eps**options.noise_exponent).to(magnitude.device, magnitude.dtype)
+            scale = eps.reshape(-1, *([1] * (magnitude.dim() - 1)))
+            error_blocks.append(spread_block.abs() + ROUNDING_SAFETY * scale * magnitude)
+        single = isinstance(argnums, int)
+        jac = to_torch_func_layout(jac_blocks, columns.out_spec, call.primals, call.spec, single)
+        error = to_torch_func_layout(error_blocks, columns.out_spec, call.primals, call.spec, single)
+        return (jac, error, columns.aux) if has_aux else (jac, error)
+
+    return jacobian_with_error

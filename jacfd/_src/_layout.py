@@ -7,6 +7,7 @@ exactly as ``torch.func.jacfwd`` does (views, no copies).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -15,25 +16,58 @@ from torch.utils._pytree import TreeSpec, tree_unflatten
 from ._stencil import Stencil
 
 
+@dataclass(frozen=True)
+class Contraction:
+    """A stencil's weights laid over the offsets actually evaluated.
+
+    Built once per transform from exact weights, so a call only does float
+    arithmetic. Several contractions may share one evaluation (e.g. the steps
+    h and 2h of an error estimate).
+    """
+
+    weights: tuple[float, ...]
+    """One weight per evaluated offset, in evaluation order (zero if unused)."""
+    center_weight: float
+    derivative: int
+    imaginary: bool
+    absolute: bool = False
+    """Contract ``|values|``: with ``|weights|`` this bounds the rounding error."""
+
+    @staticmethod
+    def of(stencil: Stencil, offsets: tuple[int, ...], absolute: bool = False) -> Contraction:
+        if absolute:
+            stencil = stencil.absolute()
+        return Contraction(
+            tuple(stencil.weight(o) for o in offsets),
+            stencil.weight(0),
+            stencil.derivative,
+            stencil.imaginary,
+            absolute,
+        )
+
+
 def contract(
     values: torch.Tensor,
     center: torch.Tensor | None,
-    stencil: Stencil,
+    contraction: Contraction,
     steps: torch.Tensor,
 ) -> torch.Tensor:
-    """``sum_k w_k f(x + o_k h_j e_j) / h_j`` for each coordinate ``j`` of a chunk.
+    """``sum_k w_k f(x + o_k h_j e_j) / h_j**q`` for each coordinate ``j`` of a chunk.
 
     ``values`` holds one output leaf at the shifted points, offset-major:
     shape ``(S * count, *out)``. ``center`` is ``f(x)``, needed when the stencil
     weighs it. Returns the columns, shape ``(count, *out)``.
     """
-    weights = stencil.shifted_weights
-    by_offset = values.unflatten(0, (len(weights), steps.numel()))
-    terms = [(by_offset[k], weight) for k, weight in enumerate(weights)]
-    if stencil.center_weight:
+    by_offset = values.unflatten(0, (len(contraction.weights), steps.numel()))
+    terms = [(by_offset[k], w) for k, w in enumerate(contraction.weights) if w]
+    if contraction.center_weight:
         if center is None:
             raise AssertionError("the centre point was not evaluated")
-        terms.append((center, stencil.center_weight))
+        terms.append((center, contraction.center_weight))
+    if contraction.imaginary:
+        terms = [(value.imag, w) for value, w in terms]
+    if contraction.absolute:
+        terms = [(value.abs(), w) for value, w in terms]
     # Accumulating with alpha keeps the classical roundings: for forward and
     # central differences this is exactly (f(x+h) - f(x)) and (f(x+h) - f(x-h)) / 2.
     total = terms[0][0] * terms[0][1]
@@ -41,7 +75,7 @@ def contract(
         total = torch.add(total, value, alpha=weight)
     real_dtype = total.real.dtype if total.is_complex() else total.dtype
     h = steps.to(real_dtype).reshape(-1, *([1] * (total.dim() - 1)))
-    return total / h
+    return total / h**contraction.derivative if contraction.derivative > 1 else total / h
 
 
 def to_torch_func_layout(

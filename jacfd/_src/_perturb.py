@@ -73,11 +73,13 @@ def perturb(
     steps: list[torch.Tensor],
     offsets: tuple[int, ...],
     chunk: Chunk,
+    imaginary: bool = False,
 ) -> tuple[list[torch.Tensor], list[Optional[int]]]:
     """The leaves at every row of ``chunk``, with their vmap ``in_dims``.
 
     A leaf with no coordinate in the chunk is identical in every row, so it is
-    passed unbatched (``in_dims`` None) rather than copied.
+    passed unbatched (``in_dims`` None) rather than copied. With ``imaginary``
+    the perturbed leaves are complex and the steps are added as ``i o h``.
     """
     rows = chunk.rows(len(offsets))
     leaves: list[torch.Tensor] = []
@@ -97,9 +99,11 @@ def perturb(
             index = (row_of_col + row_shift[:, None]) * numel + cols
             scale = torch.tensor(offsets, dtype=leaf.dtype, device=device)
             values = scale[:, None] * h[lo:hi]
-            batch = leaf.reshape(1, numel).expand(rows, numel).clone(
-                memory_format=torch.contiguous_format
-            )
+            base = leaf.reshape(1, numel)
+            if imaginary:
+                values = torch.complex(torch.zeros_like(values), values)
+                base = torch.complex(base, torch.zeros_like(base))
+            batch = base.expand(rows, numel).clone(memory_format=torch.contiguous_format)
             batch.view(-1).index_add_(0, index.reshape(-1), values.reshape(-1))
             leaves.append(batch.view(rows, *leaf.shape))
             in_dims.append(0)

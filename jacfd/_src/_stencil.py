@@ -15,8 +15,14 @@ from typing import Literal
 
 from typing_extensions import TypeAlias
 
-Scheme: TypeAlias = Literal["forward", "backward", "central"]
-SCHEMES: tuple[str, ...] = ("forward", "backward", "central")
+Scheme: TypeAlias = Literal["forward", "backward", "central", "complex"]
+SCHEMES: tuple[str, ...] = ("forward", "backward", "central", "complex")
+ORDERS: dict[str, tuple[int, ...]] = {
+    "forward": (1, 2, 3, 4),
+    "backward": (1, 2, 3, 4),
+    "central": (2, 4, 6, 8),
+    "complex": (2,),
+}
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,8 @@ class Stencil:
     weights: tuple[Fraction, ...]
     derivative: int
     accuracy: int
+    imaginary: bool = False
+    """Complex step: the points are ``x + i o h`` and the imaginary part is used."""
     center_weight: float = field(init=False)
     """Weight of ``f(x)`` itself; zero for central first differences."""
     shifted_offsets: tuple[int, ...] = field(init=False)
@@ -49,14 +57,37 @@ class Stencil:
         """Exponent ``e`` of the error-balancing step ``h ~ eps**e * scale``.
 
         Truncation error ~ h**accuracy and rounding error ~ eps / h**derivative
-        balance at h ~ eps**(1 / (accuracy + derivative)).
+        balance at h ~ eps**(1 / (accuracy + derivative)). The complex step has
+        no subtraction, hence no rounding error to balance: a step of eps
+        makes the truncation error negligible too.
         """
-        return 1.0 / (self.accuracy + self.derivative)
+        return 1.0 if self.imaginary else 1.0 / (self.accuracy + self.derivative)
 
     @property
     def accuracy_exponent(self) -> float:
         """At the balanced step the error is ~ eps**(p / (p + q)) relative."""
-        return self.accuracy / (self.accuracy + self.derivative)
+        return 1.0 if self.imaginary else self.accuracy / (self.accuracy + self.derivative)
+
+    def scaled(self, factor: int) -> Stencil:
+        """The same formula with every offset times ``factor`` (a step ``factor*h``),
+        still normalised by ``h**derivative``."""
+        return Stencil(
+            tuple(factor * o for o in self.offsets),
+            tuple(w / factor**self.derivative for w in self.weights),
+            self.derivative,
+            self.accuracy,
+            self.imaginary,
+        )
+
+    def absolute(self) -> Stencil:
+        """``|weights|``: contracted with ``|f|`` it bounds the rounding error."""
+        return Stencil(
+            self.offsets, tuple(abs(w) for w in self.weights), self.derivative,
+            self.accuracy, self.imaginary,
+        )
+
+    def weight(self, offset: int) -> float:
+        return sum((float(w) for o, w in zip(self.offsets, self.weights) if o == offset), 0.0)
 
     @property
     def leading_direction(self) -> int:
@@ -65,6 +96,28 @@ class Stencil:
         The step is rounded so that the point in this direction is exact.
         """
         return 1 if max(self.offsets) >= -min(self.offsets) else -1
+
+
+def combine(terms: list[tuple[Fraction, Stencil]], accuracy: int) -> Stencil:
+    """The exact linear combination ``sum c * stencil`` over the union of offsets."""
+    first = terms[0][1]
+    offsets = tuple(sorted({o for _, stencil in terms for o in stencil.offsets}))
+    weights = tuple(
+        sum((c * w for c, st in terms for o2, w in zip(st.offsets, st.weights) if o2 == o), Fraction(0))
+        for o in offsets
+    )
+    return Stencil(offsets, weights, first.derivative, accuracy, first.imaginary)
+
+
+def richardson(stencil: Stencil) -> tuple[Stencil, Stencil]:
+    """From steps h and 2h: the extrapolated stencil (error O(h**(p+1)) or better),
+    and the spread ``(D_h - D_2h) / (2**p - 1)`` that estimates D_h's truncation error."""
+    p = stencil.accuracy
+    gain = Fraction(1, 2**p - 1)
+    doubled = stencil.scaled(2)
+    extrapolated = combine([(2**p * gain, stencil), (-gain, doubled)], p + 1)
+    spread = combine([(gain, stencil), (-gain, doubled)], p)
+    return extrapolated, spread
 
 
 def fornberg_weights(offsets: tuple[int, ...], derivative: int) -> tuple[Fraction, ...]:
@@ -96,13 +149,35 @@ def fornberg_weights(offsets: tuple[int, ...], derivative: int) -> tuple[Fractio
     return tuple(row[derivative] for row in c)
 
 
+def resolve_stencil(name: str, scheme: str, order: int | None, derivative: int = 1) -> Stencil:
+    """The validated stencil for a transform's ``scheme`` and ``order`` options."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"{name}(func, scheme={scheme!r}): unknown scheme; choose one of {SCHEMES}.")
+    if scheme == "complex" and derivative != 1:
+        raise ValueError(
+            f"{name}(func, scheme='complex'): the complex step gives first derivatives only; "
+            "use scheme='central'."
+        )
+    if order is not None and (
+        isinstance(order, bool) or not isinstance(order, int) or order not in ORDERS[scheme]
+    ):
+        raise ValueError(
+            f"{name}(func, scheme={scheme!r}, order={order!r}): order must be one of "
+            f"{ORDERS[scheme]} for this scheme (the power of h in the truncation error)."
+        )
+    return get_stencil(scheme, order, derivative)
+
+
 @functools.cache
 def get_stencil(scheme: str, accuracy: int | None = None, derivative: int = 1) -> Stencil:
     """The stencil for ``scheme`` with truncation error O(h**accuracy).
 
     One-sided stencils of accuracy p use the p + derivative points 0, ±1, ...;
-    central ones use the symmetric points -m..m (accuracy must be even).
+    central ones use the symmetric points -m..m (accuracy must be even). The
+    complex step ``Im f(x + ih) / h`` is second-order accurate from one point.
     """
+    if scheme == "complex":
+        return Stencil((1,), (Fraction(1),), derivative, 2, imaginary=True)
     if scheme == "central":
         accuracy = 2 if accuracy is None else accuracy
         half = (accuracy + derivative - 1) // 2

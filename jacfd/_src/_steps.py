@@ -26,53 +26,53 @@ NOISE_EXPONENT = "_jacfd_noise_exponent"
 ``eps**exponent`` relative, which is what a jacfd around it must step against."""
 
 
-def check_delta(delta: Delta) -> Delta:
+def check_delta(name: str, delta: Delta) -> Delta:
     """Validates a user's ``delta`` once, when the transform is built."""
     if delta is None:
         return None
     leaves, _ = tree_flatten(delta)
     if not leaves:
         raise TypeError(
-            "jacfd(func, delta): delta must be None, a positive float, a tensor, or a "
+            f"{name}(func, delta): delta must be None, a positive float, a tensor, or a "
             f"pytree of them matching the differentiated arguments, got {delta!r}."
         )
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
             if not leaf.dtype.is_floating_point:
                 raise TypeError(
-                    f"jacfd(func, delta): a delta tensor must be floating point, got "
+                    f"{name}(func, delta): a delta tensor must be floating point, got "
                     f"dtype {leaf.dtype}. Pass e.g. torch.full_like(x, 1e-6)."
                 )
             bad = ~(torch.isfinite(leaf) & (leaf > 0))
             if bool(bad.any()):
                 raise ValueError(
-                    "jacfd(func, delta): every step in a delta tensor must be finite and "
+                    f"{name}(func, delta): every step in a delta tensor must be finite and "
                     f"positive, got {leaf[bad].flatten()[:3].tolist()}. Use delta=None for "
                     "the automatic step."
                 )
         elif isinstance(leaf, (int, float)) and not isinstance(leaf, bool):
             if not (math.isfinite(leaf) and leaf > 0):
                 raise ValueError(
-                    f"jacfd(func, delta): delta must be finite and positive, got {leaf!r}. "
+                    f"{name}(func, delta): delta must be finite and positive, got {leaf!r}. "
                     "Use delta=None for the automatic step, or e.g. delta=1e-6."
                 )
         else:
             raise TypeError(
-                "jacfd(func, delta): delta must be None, a positive float, a tensor, or a "
+                f"{name}(func, delta): delta must be None, a positive float, a tensor, or a "
                 f"pytree of them matching the differentiated arguments, got a "
                 f"{type(leaf).__name__}."
             )
     return delta
 
 
-def match_delta(delta: Delta, leaves: list[torch.Tensor], spec: TreeSpec) -> list[Any]:
+def match_delta(name: str, delta: Delta, leaves: list[torch.Tensor], spec: TreeSpec) -> list[Any]:
     """One step specification (None, float or tensor) per differentiated leaf."""
     if delta is None or isinstance(delta, (int, float)):
         return [delta] * len(leaves)
     if isinstance(delta, torch.Tensor):
         if len(leaves) != 1:
             raise ValueError(
-                f"jacfd(func, delta): a single delta tensor is ambiguous for "
+                f"{name}(func, delta): a single delta tensor is ambiguous for "
                 f"{len(leaves)} differentiated tensors; pass a pytree of steps with the "
                 "same structure as the differentiated arguments, or a float."
             )
@@ -83,7 +83,7 @@ def match_delta(delta: Delta, leaves: list[torch.Tensor], spec: TreeSpec) -> lis
         # pytree for the common single-argument case too.
         if delta_spec != spec and tree_flatten((delta,))[1] != spec:
             raise ValueError(
-                "jacfd(func, delta): the structure of delta does not match the "
+                f"{name}(func, delta): the structure of delta does not match the "
                 f"differentiated arguments.\n  delta:     {delta_spec}\n  arguments: {spec}"
             )
     for step, leaf in zip(steps, leaves):
@@ -92,7 +92,7 @@ def match_delta(delta: Delta, leaves: list[torch.Tensor], spec: TreeSpec) -> lis
                 torch.broadcast_shapes(step.shape, leaf.shape)
             except RuntimeError:
                 raise ValueError(
-                    f"jacfd(func, delta): a delta tensor of shape {tuple(step.shape)} does "
+                    f"{name}(func, delta): a delta tensor of shape {tuple(step.shape)} does "
                     f"not broadcast to its argument of shape {tuple(leaf.shape)}."
                 ) from None
     return steps
@@ -117,6 +117,8 @@ def exact_steps(
         h = step.detach().to(x).expand(leaf.shape).reshape(-1)
     else:
         h = torch.full_like(x, float(step))
+    if stencil.imaginary:  # x + ih is exact: the step is the imaginary part itself
+        return h
     if stencil.leading_direction > 0:
         return (x + h) - x
     return x - (x - h)
