@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_map
@@ -31,6 +31,8 @@ from ._layout import Contraction, contract
 from ._perturb import count_calls, perturb, plan_chunks
 from ._steps import NOISE_EXPONENT, Delta, check_delta, exact_steps, match_delta
 from ._stencil import Stencil, resolve_stencil
+
+_T = TypeVar("_T")
 
 COMPLEX_HINT = (
     "The complex step evaluates func at x + ih, so func must accept complex tensors "
@@ -144,6 +146,55 @@ class Columns:
     aux: Any
 
 
+def make_rng(options: Options, call: Call, calls: int) -> RandomState | None:
+    """The generator state to replay (common random numbers over several calls)
+    or to watch (a loop under ``randomness="error"``), if any."""
+    devices = [leaf.device for leaf in call.primals]
+    if options.randomness == "same" and calls > 1:
+        return RandomState(devices)
+    if options.randomness == "error" and options.chunk_size == 1:
+        return None if torch.compiler.is_compiling() else RandomState(devices)
+    return None
+
+
+def steps_for(call: Call, options: Options, output_eps: float) -> list[torch.Tensor]:
+    """Each leaf's steps for func's precision: the coarser of the input's and the
+    output's eps, worsened by any jacfd inside func."""
+    return [
+        exact_steps(
+            leaf,
+            spec,
+            options.stencil,
+            max(torch.finfo(leaf.dtype).eps, output_eps) ** options.noise_exponent,
+        )
+        for leaf, spec in zip(call.primals, call.step_specs)
+    ]
+
+
+def coarser_output(call: Call, flat_out: list[torch.Tensor], output_eps: float) -> float | None:
+    """The outputs' eps if it exceeds that of an input whose step was automatic
+    (e.g. float32 arithmetic on float64 inputs): the steps must then be redone."""
+    coarsest = max(torch.finfo(value.dtype).eps for value in flat_out)
+    if coarsest > output_eps and any(
+        spec is None and torch.finfo(leaf.dtype).eps < coarsest
+        for leaf, spec in zip(call.primals, call.step_specs)
+    ):
+        return coarsest
+    return None
+
+
+def with_output_precision(run: Callable[[float], _T | float]) -> _T:
+    """``run(output_eps)``; again with the outputs' eps if it asks for it. The
+    output dtype is only known after an evaluation, so this costs one wasted
+    evaluation, and only when func computes coarser than its inputs."""
+    result = run(0.0)
+    if isinstance(result, float):
+        result = run(result)
+    if isinstance(result, float):  # impossible: the floor is now the coarsest eps
+        raise AssertionError("the steps were redone twice")
+    return result
+
+
 def coordinate_columns(
     call: Call,
     options: Options,
@@ -156,25 +207,10 @@ def coordinate_columns(
     stencil, chunk_size, randomness = options.stencil, options.chunk_size, options.randomness
     need_center = need_center or (options.has_aux and not stencil.imaginary)
     chunks = plan_chunks(call.num_coordinates, len(offsets), need_center, chunk_size)
-    devices = [leaf.device for leaf in call.primals]
-    rng = None
-    if randomness == "same" and count_calls(chunks, len(offsets), chunk_size) > 1:
-        rng = RandomState(devices)
-    elif randomness == "error" and chunk_size == 1 and not torch.compiler.is_compiling():
-        rng = RandomState(devices)
-
-    def precision(leaf: torch.Tensor, output_eps: float) -> float:
-        """Relative accuracy of func's values near ``leaf``: the coarser of the
-        input's and the output's eps, worsened by any jacfd inside func."""
-        return max(torch.finfo(leaf.dtype).eps, output_eps) ** options.noise_exponent
+    rng = make_rng(options, call, count_calls(chunks, len(offsets), chunk_size))
 
     def run(output_eps: float) -> Columns | float:
-        """The columns; or, if the outputs turn out coarser than an input whose
-        step was automatic, the outputs' eps to redo the steps with."""
-        steps = [
-            exact_steps(leaf, spec, stencil, precision(leaf, output_eps))
-            for leaf, spec in zip(call.primals, call.step_specs)
-        ]
+        steps = steps_for(call, options, output_eps)
         flat_steps = torch.cat(steps) if len(steps) > 1 else steps[0]
         blocks: list[list[list[torch.Tensor]]] = []
         center: list[torch.Tensor] | None = None
@@ -197,12 +233,9 @@ def coordinate_columns(
             flat_out, out_spec = tree_flatten(outputs[0])
             if not blocks:
                 check_complex_output(options.name, stencil, flat_out)
-                coarsest = max(torch.finfo(value.dtype).eps for value in flat_out)
-                if coarsest > output_eps and any(
-                    spec is None and torch.finfo(leaf.dtype).eps < coarsest
-                    for leaf, spec in zip(call.primals, call.step_specs)
-                ):
-                    return coarsest
+                coarser = coarser_output(call, flat_out, output_eps)
+                if coarser is not None:
+                    return coarser
             if chunk.with_center:
                 center = [value[0] for value in flat_out]
                 flat_out = [value[1:] for value in flat_out]
@@ -224,11 +257,7 @@ def coordinate_columns(
         ]
         return Columns(joined, out_spec, center, aux)
 
-    result = run(0.0)
-    if isinstance(result, float):  # func computes coarser than its inputs
-        result = run(result)
-    if not isinstance(result, Columns):  # the coarsest eps is now the floor
-        raise AssertionError("the steps were redone twice")
+    result = with_output_precision(run)
     if options.has_aux and stencil.imaginary:
         # The complex points carry a complex aux; take it from the real point.
         result.aux = call.at_point(*call.primals)[1]

@@ -78,6 +78,11 @@ def contract(
     return total / h**contraction.derivative if contraction.derivative > 1 else total / h
 
 
+def _unflatten(tensor: torch.Tensor, dim: int, shape: torch.Size) -> torch.Tensor:
+    """Splits ``dim`` into ``shape``; a 0-dim ``shape`` removes it."""
+    return tensor.unflatten(dim, shape) if len(shape) else tensor.squeeze(dim)
+
+
 def to_torch_func_layout(
     columns: list[torch.Tensor],
     out_spec: TreeSpec,
@@ -92,10 +97,34 @@ def to_torch_func_layout(
     per_output = []
     for block in columns:
         parts = torch.split(block.movedim(0, -1), numels, dim=-1)
-        jacobians = [
-            part.unflatten(-1, p.shape) if p.dim() else part.squeeze(-1)
-            for part, p in zip(parts, primals)
-        ]
+        jacobians = [_unflatten(part, -1, p.shape) for part, p in zip(parts, primals)]
         per_argnum = tree_unflatten(jacobians, primals_spec)
         per_output.append(per_argnum[0] if single_argnum else per_argnum)
+    return tree_unflatten(per_output, out_spec)
+
+
+def to_hessian_layout(
+    blocks: list[torch.Tensor],
+    out_spec: TreeSpec,
+    primals: list[torch.Tensor],
+    primals_spec: TreeSpec,
+    single_argnum: bool,
+) -> Any:
+    """Each ``(n, n, *out)`` block becomes leaves ``out + in_a.shape + in_b.shape``,
+    nested as ``torch.func.hessian`` (``jacfwd(jacrev(f))``) nests them: output
+    pytree, then (argnums tuple, input pytree) for a, then the same for b."""
+    numels = [p.numel() for p in primals]
+    per_output = []
+    for block in blocks:
+        moved = block.movedim((0, 1), (-2, -1))
+        outer = []
+        for rows, a in zip(torch.split(moved, numels, dim=-2), primals):
+            inner = [
+                _unflatten(_unflatten(part, -1, b.shape), -1 - b.dim(), a.shape)
+                for part, b in zip(torch.split(rows, numels, dim=-1), primals)
+            ]
+            per_b = tree_unflatten(inner, primals_spec)
+            outer.append(per_b[0] if single_argnum else per_b)
+        per_a = tree_unflatten(outer, primals_spec)
+        per_output.append(per_a[0] if single_argnum else per_a)
     return tree_unflatten(per_output, out_spec)

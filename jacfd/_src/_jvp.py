@@ -1,0 +1,133 @@
+"""``jvpfd``: a directional derivative by finite differences, in ``torch.func.jvp`` form."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ._engine import check_options, coordinate_columns, prepare
+from ._evaluate import Randomness
+from ._layout import Contraction
+from ._stencil import Scheme
+
+
+def jvpfd(
+    func: Callable[..., Any],
+    primals: tuple[Any, ...],
+    tangents: tuple[Any, ...],
+    *,
+    delta: float | None = None,
+    scheme: Scheme = "central",
+    order: int | None = None,
+    has_aux: bool = False,
+    randomness: Randomness = "error",
+) -> tuple[Any, ...]:
+    """``(func(*primals), J @ tangents)`` by finite differences along ``tangents``.
+
+    The derivative of ``t -> func(primals + t * tangents)`` at 0, from
+    ``func(x)`` and one point (``"forward"``) or two (``"central"``) along the
+    tangent, all in one vmap call. The automatic step is the scheme's relative
+    step scaled to the tangent: the points move by about
+    ``eps**(1/(p+1)) * max(1, max|x|)`` in the largest tangent coordinate.
+
+    Args:
+        func: A function of the primals returning a tensor or a pytree of
+            tensors (and ``aux`` if ``has_aux``).
+        primals: The point: a tuple of arguments, each a floating tensor or a
+            pytree of them, so that ``func(*primals)`` is valid.
+        tangents: The direction: the same structure and shapes as ``primals``.
+        delta: ``None`` (default) for the automatic step, or a positive float
+            ``h``: the points are then ``primals + o * h * tangents``.
+        scheme: ``"central"`` (default), ``"forward"``, ``"backward"`` or
+            ``"complex"`` (``Im func(x + i h v) / h``).
+        order: The power of h in the truncation error, as in :func:`jacfd`.
+        has_aux: ``func`` returns ``(output, aux)``; ``aux`` is taken at ``primals``.
+        randomness: As in :func:`jacfd`.
+
+    Returns:
+        ``(output, tangent_out)``, or ``(output, tangent_out, aux)`` with
+        ``has_aux``: ``output`` is ``func(*primals)`` exactly, ``tangent_out``
+        has its structure, shapes and dtypes.
+
+    Examples:
+        >>> import torch
+        >>> from jacfd import jvpfd
+        >>> x, v = torch.tensor([1.0, 2.0], dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+        >>> out, tangent_out = jvpfd(torch.sin, (x,), (v,))
+        >>> torch.allclose(tangent_out, torch.cos(x))
+        True
+    """
+    if not isinstance(primals, tuple):
+        raise TypeError(
+            f"jvpfd(func, primals, tangents): primals must be a tuple of arguments, got "
+            f"{type(primals).__name__}; write jvpfd(f, (x,), (v,)) for one argument."
+        )
+    flat_primals, spec = tree_flatten(primals)
+    flat_tangents, tangent_spec = tree_flatten(tangents)
+    if tangent_spec != spec:
+        raise ValueError(
+            "jvpfd(func, primals, tangents): tangents must have the same structure as "
+            f"primals.\n  primals:  {spec}\n  tangents: {tangent_spec}"
+        )
+    for p, v in zip(flat_primals, flat_tangents):
+        if not (isinstance(p, torch.Tensor) and isinstance(v, torch.Tensor)):
+            raise TypeError(
+                "jvpfd(func, primals, tangents): primals and tangents must hold tensors, "
+                f"got {type(p).__name__} and {type(v).__name__}."
+            )
+        if p.shape != v.shape:
+            raise ValueError(
+                f"jvpfd(func, primals, tangents): a tangent of shape {tuple(v.shape)} "
+                f"does not match its primal of shape {tuple(p.shape)}."
+            )
+    if not flat_primals:
+        raise ValueError("jvpfd(func, primals, tangents): primals hold no tensor.")
+
+    # Differentiate along the direction scaled so that s = 1 moves the largest
+    # tangent coordinate by max(1, max|x|): the automatic step in s is then the
+    # scheme's usual relative step. The coarsest input dtype sets the precision.
+    dtype = flat_primals[0].dtype
+    for p in flat_primals[1:]:  # (max with a key does not trace under torch.compile)
+        if torch.finfo(p.dtype).eps > torch.finfo(dtype).eps:
+            dtype = p.dtype
+    size, reach = _max_abs(flat_tangents, dtype), _max_abs(flat_primals, dtype)
+    scale = torch.where(size > 0, reach.clamp_min(1.0) / size, torch.ones_like(size))
+    if delta is not None:
+        scale = torch.ones_like(scale)
+
+    def along(s: torch.Tensor) -> tuple[Any, Any]:
+        shift = s * scale
+        point = [p + (shift * v).to(_step_dtype(p.dtype, shift)) for p, v in zip(flat_primals, flat_tangents)]
+        result = func(*tree_unflatten(point, spec))
+        out, aux = result if has_aux else (result, ())
+        return out, (out, aux)
+
+    options = check_options("jvpfd", func, 0, delta, scheme, order, True, None, randomness)
+    options = dataclasses.replace(options, has_aux=True)
+    stencil = options.stencil
+    s0 = torch.zeros((), dtype=dtype, device=flat_primals[0].device)
+    call = prepare(along, (s0,), {}, options)
+    offsets = stencil.shifted_offsets
+    columns = coordinate_columns(
+        call, options, offsets, [Contraction.of(stencil, offsets)], need_center=True
+    )
+    out, aux = columns.aux  # func at the primals (a real point for the complex step too)
+    derivative = tree_unflatten(
+        [d[0] / scale.to(d.dtype) for d in columns.blocks[0]], columns.out_spec
+    )
+    return (out, derivative, aux) if has_aux else (out, derivative)
+
+
+def _step_dtype(primal: torch.dtype, shift: torch.Tensor) -> torch.dtype:
+    """The primal's dtype, made complex for the complex step's imaginary shift."""
+    return torch.promote_types(primal, torch.complex64) if shift.is_complex() else primal
+
+
+def _max_abs(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``max |t|`` over all elements (0 if there are none), as a 0-dim tensor."""
+    zero = torch.zeros(1, dtype=dtype, device=tensors[0].device)
+    return torch.cat([zero] + [t.detach().reshape(-1).abs().to(dtype) for t in tensors]).amax()
