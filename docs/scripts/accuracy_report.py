@@ -1,15 +1,12 @@
 """Accuracy report for jacfd: Jacobian error against the step, for every scheme.
 
-For each scheme and order (forward/backward 1-4, central 2/4/6/8, complex) and
-each dtype (float32, float64), the absolute step ``delta`` is swept over a log
-grid, and the error of ``jacfd`` against ``torch.func.jacrev`` in float64 is
-recorded as the worst, over a small zoo of functions, of
-``max|J - J_ref| / max(1, max|J_ref|)``. The error at the default step
-(``delta=None``) is recorded too. Steps with a non-finite result count as nan.
-
-Writes ``accuracy.md`` and ``img/accuracy_<dtype>.png`` under ``docs/`` (or
-``--out DIR``) and prints the table. ``--quick`` runs a reduced float64 sweep
-into a temporary directory: a smoke test for CI.
+Sweeps the absolute step ``delta`` of every scheme and order (forward/backward 1-4,
+central 2/4/6/8, complex) in float32 and float64 over a log grid, and compares
+``jacfd`` with ``torch.func.jacrev`` in float64 on a small zoo of functions; the
+default step (``delta=None``) is measured too. Writes ``accuracy.md`` and
+``img/accuracy_<dtype>.png`` under ``docs/`` (or ``--out DIR``) and prints the
+table. ``--quick`` runs a reduced float64 sweep into a temporary directory: a
+smoke test for CI.
 
 Usage: ``python docs/scripts/accuracy_report.py [--quick] [--out DIR]``
 """
@@ -28,13 +25,11 @@ from pathlib import Path
 from typing import Literal
 
 import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from jacfd import jacfd  # noqa: E402
+from jacfd import jacfd
 
 Func = Callable[[torch.Tensor], torch.Tensor]
 Scheme = Literal["forward", "backward", "central", "complex"]
@@ -95,12 +90,12 @@ class Sweep:
     dtype: str
     steps: np.ndarray  # (n_steps,)
     errors: np.ndarray  # (n_funcs, n_steps), nan where non-finite
-    default: np.ndarray  # (n_funcs,)
+    default: np.ndarray  # (n_funcs,), at delta=None
     names: list[str]
 
     @property
-    def eps(self) -> float:
-        return float(torch.finfo(DTYPES[self.dtype]).eps)
+    def default_error(self) -> float:
+        return float(np.max(self.default))
 
     @property
     def zoo_errors(self) -> np.ndarray:
@@ -116,12 +111,13 @@ class Sweep:
     @property
     def default_step(self) -> float:
         """The default step for |x| <= 1: eps**(1/(p+1)), eps for complex."""
-        return self.eps if self.scheme == "complex" else self.eps ** (1 / (self.order + 1))
+        eps = float(torch.finfo(DTYPES[self.dtype]).eps)
+        return eps if self.scheme == "complex" else eps ** (1 / (self.order + 1))
 
     @property
     def theory(self) -> float:
-        p = self.order
-        return self.eps if self.scheme == "complex" else self.eps ** (p / (p + 1))
+        """The error order eps**(p/(p+1)), eps for complex."""
+        return self.default_step ** (1 if self.scheme == "complex" else self.order)
 
 
 def relative_error(jac: torch.Tensor, ref: torch.Tensor) -> float:
@@ -160,13 +156,10 @@ def table(sweeps: list[Sweep]) -> str:
         "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for s in sweeps:
-        best, at = s.best
-        default = float(np.max(s.default))
+        (best, at), default = s.best, s.default_error
         order = "-" if s.scheme == "complex" else str(s.order)
-        lines.append(
-            f"| {s.scheme} | {order} | {s.dtype} | {default:.1e} | {best:.1e} | {at:.1e} "
-            f"| {default / best:.2g} | {s.theory:.1e} |"
-        )
+        lines.append(f"| {s.scheme} | {order} | {s.dtype} | {default:.1e} | {best:.1e} "
+                     f"| {at:.1e} | {default / best:.2g} | {s.theory:.1e} |")
     return "\n".join(lines)
 
 
@@ -174,13 +167,11 @@ def far_from_best(sweeps: list[Sweep], factor: float = 3.0) -> str:
     """Where the default step is not within ``factor`` of the best: step and culprit."""
     lines = []
     for s in sweeps:
-        best, at = s.best
-        worst = int(np.argmax(s.default))
-        if float(s.default[worst]) > factor * best:
-            i = int(np.nanargmin(s.zoo_errors))
+        (best, at), i = s.best, int(np.nanargmin(s.zoo_errors))
+        if s.default_error > factor * best:
             lines.append(
-                f"{s.scheme} {s.order} {s.dtype}: default {s.default[worst]:.1e} "
-                f"(worst: {s.names[worst]}), best {best:.1e} at {at:.1e} = "
+                f"{s.scheme} {s.order} {s.dtype}: default {s.default_error:.1e} (worst: "
+                f"{s.names[int(np.argmax(s.default))]}), best {best:.1e} at {at:.1e} = "
                 f"{at / s.default_step:.2g} x default step {s.default_step:.1e} "
                 f"(worst there: {s.names[int(np.argmax(s.errors[:, i]))]})"
             )
@@ -188,14 +179,15 @@ def far_from_best(sweeps: list[Sweep], factor: float = 3.0) -> str:
 
 
 def plot(sweeps: list[Sweep], dtype: str, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(9, 6))
+    fig = Figure(figsize=(9, 6))
+    ax = fig.subplots()
     for s in (s for s in sweeps if s.dtype == dtype):
         shade = 0.4 + 0.15 * (s.order if s.scheme != "central" else s.order / 2)
-        colour = plt.get_cmap(COLOURS[s.scheme])(min(shade, 1.0))
+        colour = matplotlib.colormaps[COLOURS[s.scheme]](min(shade, 1.0))
         style = "--" if s.scheme == "backward" else "-"
         label = s.scheme if s.scheme == "complex" else f"{s.scheme} {s.order}"
         ax.loglog(s.steps, s.zoo_errors, style, color=colour, label=label, lw=1.4)
-        ax.plot(s.default_step, np.max(s.default), "o", color=colour, mec="k", ms=6)
+        ax.plot(s.default_step, s.default_error, "o", color=colour, mec="k", ms=6)
     ax.set_xlabel("step delta (absolute)")
     ax.set_ylabel("max relative error over the zoo")
     ax.set_title(f"jacfd error vs step, {dtype} (dots: default step for |x| <= 1)")
@@ -204,7 +196,6 @@ def plot(sweeps: list[Sweep], dtype: str, path: Path) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 INTRO = """# Accuracy
@@ -257,11 +248,8 @@ def main() -> None:
     schemes = QUICK_SCHEMES if args.quick else SCHEMES
     dtypes = ["float64"] if args.quick else list(DTYPES)
     start = time.perf_counter()
-    sweeps = [
-        run_sweep(scheme, order, dtype, step_grid(scheme, dtype, args.quick))
-        for dtype in dtypes
-        for scheme, order in schemes
-    ]
+    sweeps = [run_sweep(scheme, order, dtype, step_grid(scheme, dtype, args.quick))
+              for dtype in dtypes for scheme, order in schemes]
     seconds = time.perf_counter() - start
     out.mkdir(parents=True, exist_ok=True)
     print(write_report(sweeps, out))
