@@ -45,9 +45,10 @@ def jacfd(
             of ints; negative values count from the end. Each may be a tensor or
             a pytree of tensors with a real floating dtype.
         delta: The step. ``None`` (default) picks, per element,
-            ``eps**(1/(p+1)) * max(1, |x|)`` for a scheme of order ``p``:
-            ``eps**(1/2)`` for ``"forward"``, ``eps**(1/3)`` for ``"central"``,
-            and ``eps`` itself for ``"complex"``. ``eps`` is the input dtype's, or
+            ``c * eps**(1/(p+1)) * max(1, |x|)`` for a scheme of order ``p``:
+            about ``1.4 eps**(1/2)`` for ``"forward"``, ``0.8 eps**(1/3)`` for
+            ``"central"``, and ``eps`` itself for ``"complex"`` (``c`` balances
+            the stencil's rounding and truncation constants). ``eps`` is the input dtype's, or
             the output's if func returns a less precise dtype. A positive float
             is an absolute step for every element. A tensor (broadcastable to the
             one differentiated tensor) or a pytree of tensors and floats matching

@@ -44,6 +44,15 @@ class Stencil:
     shifted_offsets: tuple[int, ...] = field(init=False)
     """The non-zero offsets with a non-zero weight: one evaluation each."""
     shifted_weights: tuple[float, ...] = field(init=False)
+    step_constant: float = field(init=False)
+    """``c`` in the automatic step ``h = c * eps**step_exponent * max(1, |x|)``.
+
+    Minimising ``C1 eps / h**q + C2 h**p`` gives ``h = (q C1 eps / (p C2))**(1/(p+q))``
+    with ``C1 = sum |w_k|`` (rounding) and ``C2 = |sum w_k o_k**(p+q)| |f^(p+q)| / (p+q)!``
+    (truncation). Analytic functions have ``|f^(P)| / P! ~ 1 / r**P`` for the
+    distance ``r`` to their nearest singularity; taking ``r ~ 1`` (the scale of
+    ``max(1, |x|)``) keeps the wide high-order stencils inside it.
+    """
 
     def __post_init__(self) -> None:
         pairs = [(o, w) for o, w in zip(self.offsets, self.weights) if o != 0 and w != 0]
@@ -51,6 +60,17 @@ class Stencil:
         object.__setattr__(self, "center_weight", float(center))
         object.__setattr__(self, "shifted_offsets", tuple(o for o, _ in pairs))
         object.__setattr__(self, "shifted_weights", tuple(float(w) for _, w in pairs))
+        object.__setattr__(self, "step_constant", self._step_constant())
+
+    def _step_constant(self) -> float:
+        if self.imaginary:
+            return 1.0
+        p, q = self.accuracy, self.derivative
+        c1 = sum(abs(w) for w in self.weights)
+        c2 = abs(sum(w * o ** (p + q) for o, w in zip(self.offsets, self.weights)))
+        if c2 == 0:  # a combination with no error term of that order (never for our stencils)
+            return 1.0
+        return float(q * c1 / (p * c2)) ** (1.0 / (p + q))
 
     @property
     def step_exponent(self) -> float:

@@ -111,7 +111,7 @@ def exact_steps(
     """
     x = leaf.detach().reshape(-1)
     if step is None:
-        relative = precision**stencil.step_exponent
+        relative = stencil.step_constant * precision**stencil.step_exponent
         h = relative * x.abs().clamp_min(1.0)
     elif isinstance(step, torch.Tensor):
         h = step.detach().to(x).expand(leaf.shape).reshape(-1)
