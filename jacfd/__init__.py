@@ -1,12 +1,21 @@
 """jacfd: finite-difference Jacobians that compose with ``torch.func``."""
 
+from ._src._evaluate import Batched
 from ._src._jacfd import jacfd, jacfd_with_error
 from ._src._jvp import jvpfd
 from ._src._second import hessdiagfd, hessfd, laplacianfd
 
-__all__ = ["hessdiagfd", "hessfd", "jacfd", "jacfd_with_error", "jvpfd", "laplacianfd"]
+__all__ = [
+    "Batched",
+    "hessdiagfd",
+    "hessfd",
+    "jacfd",
+    "jacfd_with_error",
+    "jvpfd",
+    "laplacianfd",
+]
 __version__ = "0.1.0"
 
-for _public in (hessdiagfd, hessfd, jacfd, jacfd_with_error, jvpfd, laplacianfd):
+for _public in (Batched, hessdiagfd, hessfd, jacfd, jacfd_with_error, jvpfd, laplacianfd):
     _public.__module__ = "jacfd"
 del _public

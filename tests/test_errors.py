@@ -138,15 +138,16 @@ def test_delta_shape_must_broadcast() -> None:
     ],
     ids=["item", "control-flow", "numpy"],
 )
-def test_vmap_failures_suggest_chunk_size_1(func: object) -> None:
+def test_vmap_failures_suggest_the_loop_strategy(func: object) -> None:
     with pytest.raises(RuntimeError) as info:
         jacfd(func)(X)  # type: ignore[arg-type]
     message = str(info.value)
     assert message.startswith("jacfd: evaluating func under torch.vmap failed")
-    assert "pass chunk_size=1" in message
-    # ... and the suggestion works.
-    jacobian = jacfd(func, chunk_size=1)(X)  # type: ignore[arg-type]
-    assert jacobian.shape == (3, 3)
+    assert "pass strategy='loop' (or chunk_size=1)" in message
+    assert "strategy='batched'" in message
+    # ... and the suggestions work.
+    for fixed in (jacfd(func, strategy="loop"), jacfd(func, chunk_size=1)):  # type: ignore[arg-type]
+        assert fixed(X).shape == (3, 3)
 
 
 def test_random_func_under_vmap_suggests_same_randomness() -> None:

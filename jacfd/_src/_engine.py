@@ -12,14 +12,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import torch
-from torch.utils._pytree import TreeSpec, tree_flatten, tree_map
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_map, tree_map_only
 
-from ._evaluate import RANDOMNESS, RandomState, Randomness, evaluate, rows_of
+from ._evaluate import (
+    RANDOMNESS,
+    Batched,
+    RandomState,
+    Randomness,
+    evaluate,
+    resolve_strategy,
+    rows_of,
+)
 from ._inputs import (
     Argnums,
+    bare_tensors,
     check_argnums,
     check_callable,
     flatten_primals,
@@ -53,6 +62,7 @@ class Options:
     has_aux: bool
     chunk_size: int | None
     randomness: Randomness
+    strategy: Literal["vmap", "loop"] | Batched
     noise_exponent: float
     """func's values are accurate to ~eps**noise_exponent: 1, or less if func was
     itself made by jacfd."""
@@ -68,6 +78,7 @@ def check_options(
     has_aux: object,
     chunk_size: object,
     randomness: object,
+    strategy: object = "vmap",
     derivative: int = 1,
 ) -> Options:
     check_callable(name, func)
@@ -93,6 +104,7 @@ def check_options(
         )
     if not isinstance(has_aux, bool):
         raise TypeError(f"{name}(func, has_aux): has_aux must be a bool, got {has_aux!r}.")
+    resolved = resolve_strategy(name, strategy, str(randomness))
     return Options(
         name,
         argnums,  # type: ignore[arg-type]  # checked above
@@ -101,6 +113,7 @@ def check_options(
         has_aux,
         chunk_size,
         randomness,  # type: ignore[arg-type]
+        resolved,
         getattr(func, NOISE_EXPONENT, 1.0),
     )
 
@@ -113,7 +126,8 @@ class Call:
     spec: TreeSpec
     step_specs: list[Any]
     at_point: Callable[..., tuple[Any, ...]]
-    """The leaves -> ``(out,)`` or ``(out, aux)``, checked."""
+    """The leaves -> ``(out,)`` or ``(out, aux)``, checked; the keyword
+    ``others`` maps the tensors of the non-differentiated arguments."""
 
     @property
     def num_coordinates(self) -> int:
@@ -127,8 +141,28 @@ def prepare(
     primals, spec = flatten_primals(options.name, args, argnums)
     step_specs = match_delta(options.name, options.delta, primals, spec)
 
-    def at_point(*leaves: torch.Tensor) -> tuple[Any, ...]:
-        result = func(*replace_primals(args, argnums, leaves, spec), **kwargs)
+    if isinstance(options.strategy, Batched):
+        for leaf in primals:
+            options.strategy.check(options.name, leaf)
+    bare = bare_tensors(args, argnums)
+
+    def at_point(
+        *leaves: torch.Tensor, others: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> tuple[Any, ...]:
+        call_args, call_kwargs = args, kwargs
+        if others is not None:
+            call_args = tuple(
+                arg if i in argnums else tree_map_only(torch.Tensor, others, arg)
+                for i, arg in enumerate(args)
+            )
+            call_kwargs = tree_map_only(torch.Tensor, others, kwargs)
+        if bare:  # the common case: no pytree round trip for each point
+            new_args = list(call_args)
+            for argnum, leaf in zip(argnums, leaves):
+                new_args[argnum] = leaf
+            result = func(*new_args, **call_kwargs)
+        else:
+            result = func(*replace_primals(call_args, argnums, leaves, spec), **call_kwargs)
         out, aux = split_output(options.name, result, options.has_aux)
         return (out, aux) if options.has_aux else (out,)
 
@@ -152,7 +186,9 @@ def make_rng(options: Options, call: Call, calls: int) -> RandomState | None:
     devices = [leaf.device for leaf in call.primals]
     if options.randomness == "same" and calls > 1:
         return RandomState(devices)
-    if options.randomness == "error" and options.chunk_size == 1:
+    without_vmap = options.chunk_size == 1 or options.strategy != "vmap"
+    if options.randomness == "error" and without_vmap:
+        # Only vmap detects random ops by itself; loops and real batches are watched.
         return None if torch.compiler.is_compiling() else RandomState(devices)
     return None
 
@@ -220,7 +256,14 @@ def coordinate_columns(
             rows = chunk.rows(len(offsets))
             try:
                 outputs = evaluate(
-                    call.at_point, rows_of(leaves, in_dims), rows, chunk_size, randomness, rng
+                    call.at_point,
+                    rows_of(leaves, in_dims),
+                    rows,
+                    chunk_size,
+                    options.strategy,
+                    randomness,
+                    rng,
+                    options.name,
                 )
             except (RuntimeError, NotImplementedError) as error:
                 if not stencil.imaginary:

@@ -105,9 +105,15 @@ def replace_primals(
 ) -> tuple[Any, ...]:
     """``args`` with the differentiated arguments rebuilt from ``leaves``."""
     new_args = list(args)
-    for argnum, primal in zip(argnums, tree_unflatten(list(leaves), spec)):
+    primals = leaves if bare_tensors(args, argnums) else tree_unflatten(list(leaves), spec)
+    for argnum, primal in zip(argnums, primals):
         new_args[argnum] = primal
     return tuple(new_args)
+
+
+def bare_tensors(args: tuple[Any, ...], argnums: tuple[int, ...]) -> bool:
+    """Whether every differentiated argument is a tensor (not a pytree of them)."""
+    return all(isinstance(args[i], torch.Tensor) for i in argnums)
 
 
 def split_output(name: str, result: Any, has_aux: bool) -> tuple[Any, Any]:
@@ -131,7 +137,7 @@ def split_output(name: str, result: Any, has_aux: bool) -> tuple[Any, Any]:
 
 
 def check_output(name: str, out: Any) -> None:
-    leaves = tree_flatten(out)[0]
+    leaves = [out] if isinstance(out, torch.Tensor) else tree_flatten(out)[0]
     if out is None or not leaves:
         raise TypeError(
             f"{name}: func must return a tensor or a non-empty pytree of tensors, got "

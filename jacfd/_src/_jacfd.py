@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ._engine import check_options, coordinate_columns, prepare
-from ._evaluate import Randomness
+from ._evaluate import Randomness, Strategy
 from ._inputs import Argnums, wraps
 from ._layout import Contraction, to_torch_func_layout
 from ._steps import NOISE_EXPONENT, Delta
@@ -29,6 +29,7 @@ def jacfd(
     has_aux: bool = False,
     chunk_size: int | None = None,
     randomness: Randomness = "error",
+    strategy: Strategy = "vmap",
 ) -> Callable[..., Any]:
     """Jacobian of ``func`` by finite differences, laid out like ``torch.func.jacrev``.
 
@@ -66,14 +67,20 @@ def jacfd(
             ``(jacobian, aux)`` with ``aux`` taken at the unperturbed inputs.
         chunk_size: ``None`` evaluates every stencil point in one vmap call. A
             positive int bounds the points per call, and so the memory. ``1``
-            evaluates the points one by one without vmap, so ``func`` may call
-            ``.item()``, numpy, or branch on tensor values.
+            evaluates the points one by one without vmap (as ``strategy="loop"``),
+            so ``func`` may call ``.item()``, numpy, or branch on tensor values.
         randomness: As in ``torch.func.vmap``: ``"error"`` (default) forbids
             random operations in ``func``; ``"same"`` gives every stencil point
             the same random numbers (common random numbers), the setting that
             makes finite differences of, e.g., dropout meaningful; ``"different"``
             is accepted for parity with vmap, but the differences of independent
             draws are noise of order ``1/h``.
+        strategy: How ``func`` meets the stencil points. ``"vmap"`` (default):
+            under ``torch.vmap``. ``"loop"``: one ordinary call per point (with
+            ``chunk_size`` points built at a time), for numpy, simulators,
+            ``.item()`` and anything vmap cannot trace. ``"batched"`` or a
+            :class:`Batched`: ``func`` receives the points as a real batch along
+            a dimension you choose, for models that only work on batches.
 
     Returns:
         A function taking the same arguments as ``func`` and returning its
@@ -96,7 +103,7 @@ def jacfd(
         True
     """
     options = check_options(
-        "jacfd", func, argnums, delta, scheme, order, has_aux, chunk_size, randomness
+        "jacfd", func, argnums, delta, scheme, order, has_aux, chunk_size, randomness, strategy
     )
     stencil = options.stencil
     offsets = stencil.shifted_offsets
@@ -129,6 +136,7 @@ def jacfd_with_error(
     has_aux: bool = False,
     chunk_size: int | None = None,
     randomness: Randomness = "error",
+    strategy: Strategy = "vmap",
 ) -> Callable[..., Any]:
     """A Richardson-extrapolated Jacobian, with a per-entry estimate of its error.
 
@@ -155,7 +163,16 @@ def jacfd_with_error(
         True
     """
     options = check_options(
-        "jacfd_with_error", func, argnums, delta, scheme, order, has_aux, chunk_size, randomness
+        "jacfd_with_error",
+        func,
+        argnums,
+        delta,
+        scheme,
+        order,
+        has_aux,
+        chunk_size,
+        randomness,
+        strategy,
     )
     extrapolated, spread = richardson(options.stencil)
     offsets = tuple(o for o in extrapolated.offsets if o != 0)

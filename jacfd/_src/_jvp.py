@@ -10,7 +10,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ._engine import check_options, coordinate_columns, prepare
-from ._evaluate import Randomness
+from ._evaluate import Batched, Randomness, Strategy
 from ._layout import Contraction
 from ._stencil import Scheme
 
@@ -25,6 +25,7 @@ def jvpfd(
     order: int | None = None,
     has_aux: bool = False,
     randomness: Randomness = "error",
+    strategy: Strategy = "vmap",
 ) -> tuple[Any, ...]:
     """``(func(*primals), J @ tangents)`` by finite differences along ``tangents``.
 
@@ -47,6 +48,7 @@ def jvpfd(
         order: The power of h in the truncation error, as in :func:`jacfd`.
         has_aux: ``func`` returns ``(output, aux)``; ``aux`` is taken at ``primals``.
         randomness: As in :func:`jacfd`.
+        strategy: As in :func:`jacfd`.
 
     Returns:
         ``(output, tangent_out)``, or ``(output, tangent_out, aux)`` with
@@ -100,14 +102,29 @@ def jvpfd(
         scale = torch.ones_like(scale)
 
     def along(s: torch.Tensor) -> tuple[Any, Any]:
+        # Under strategy="batched", s is a batch of shifts: broadcast it along a
+        # new leading axis of every primal.
         shift = s * scale
-        point = [p + (shift * v).to(_step_dtype(p.dtype, shift)) for p, v in zip(flat_primals, flat_tangents)]
+        point = [
+            p + (shift.reshape(s.shape + (1,) * p.dim()) * v).to(_step_dtype(p.dtype, shift))
+            for p, v in zip(flat_primals, flat_tangents)
+        ]
         result = func(*tree_unflatten(point, spec))
         out, aux = result if has_aux else (result, ())
         return out, (out, aux)
 
-    options = check_options("jvpfd", func, 0, delta, scheme, order, True, None, randomness)
+    options = check_options(
+        "jvpfd", func, 0, delta, scheme, order, True, None, randomness, strategy
+    )
     options = dataclasses.replace(options, has_aux=True)
+    if isinstance(options.strategy, Batched) and (
+        options.strategy.dim != 0 or options.strategy.existing
+    ):
+        raise ValueError(
+            "jvpfd(func, primals, tangents, strategy=Batched(...)): the points along the "
+            "tangent are stacked along a new leading axis of every primal; use "
+            "Batched(dim=0) (out_dim may differ)."
+        )
     stencil = options.stencil
     s0 = torch.zeros((), dtype=dtype, device=flat_primals[0].device)
     call = prepare(along, (s0,), {}, options)

@@ -26,7 +26,7 @@ from ._engine import (
     steps_for,
     with_output_precision,
 )
-from ._evaluate import Randomness, evaluate
+from ._evaluate import Randomness, Strategy, evaluate
 from ._inputs import Argnums, wraps
 from ._layout import Contraction, to_hessian_layout, to_torch_func_layout
 from ._steps import NOISE_EXPONENT, Delta
@@ -43,6 +43,7 @@ def hessdiagfd(
     has_aux: bool = False,
     chunk_size: int | None = None,
     randomness: Randomness = "error",
+    strategy: Strategy = "vmap",
 ) -> Callable[..., Any]:
     """The Hessian's diagonal ``d²f/dx_i²`` for every input element, in O(n) evaluations.
 
@@ -62,6 +63,7 @@ def hessdiagfd(
         has_aux: As in :func:`jacfd`.
         chunk_size: As in :func:`jacfd`.
         randomness: As in :func:`jacfd`.
+        strategy: As in :func:`jacfd`.
 
     Returns:
         A function returning the second derivatives in :func:`jacfd`'s layout
@@ -76,7 +78,7 @@ def hessdiagfd(
         True
     """
     options = check_options(
-        "hessdiagfd", func, argnums, delta, scheme, order, has_aux, chunk_size, randomness, 2
+        "hessdiagfd", func, argnums, delta, scheme, order, has_aux, chunk_size, randomness, strategy, 2
     )
     single = isinstance(argnums, int)
     return _diagonal_transform(
@@ -98,6 +100,7 @@ def laplacianfd(
     has_aux: bool = False,
     chunk_size: int | None = None,
     randomness: Randomness = "error",
+    strategy: Strategy = "vmap",
 ) -> Callable[..., Any]:
     """The Laplacian ``sum_i d²f/dx_i²`` over every differentiated input element.
 
@@ -120,7 +123,7 @@ def laplacianfd(
         True
     """
     options = check_options(
-        "laplacianfd", func, argnums, delta, scheme, order, has_aux, chunk_size, randomness, 2
+        "laplacianfd", func, argnums, delta, scheme, order, has_aux, chunk_size, randomness, strategy, 2
     )
     return _diagonal_transform(
         func,
@@ -160,6 +163,7 @@ def hessfd(
     has_aux: bool = False,
     chunk_size: int | None = None,
     randomness: Randomness = "error",
+    strategy: Strategy = "vmap",
 ) -> Callable[..., Any]:
     """The Hessian of ``func`` from second-difference stencils, laid out like
     ``torch.func.hessian``.
@@ -182,6 +186,7 @@ def hessfd(
         has_aux: As in :func:`jacfd`.
         chunk_size: As in :func:`jacfd`.
         randomness: As in :func:`jacfd`.
+        strategy: As in :func:`jacfd`.
 
     Returns:
         A function returning the Hessian: each leaf has shape
@@ -198,7 +203,7 @@ def hessfd(
         True
     """
     options = check_options(
-        "hessfd", func, argnums, delta, scheme, None, has_aux, chunk_size, randomness, 2
+        "hessfd", func, argnums, delta, scheme, None, has_aux, chunk_size, randomness, strategy, 2
     )
     single = isinstance(argnums, int)
 
@@ -217,8 +222,10 @@ def hessfd(
                 lambda start, stop: plan.build(call.primals, h, start, stop),
                 plan.rows,
                 options.chunk_size,
+                options.strategy,
                 options.randomness,
                 rng,
+                options.name,
             )
             flat_out, out_spec = tree_flatten(outputs[0])
             coarser = coarser_output(call, flat_out, output_eps)
