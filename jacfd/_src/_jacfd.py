@@ -58,6 +58,10 @@ def jacfd(
         scheme: ``"central"`` (default), ``"forward"``, ``"backward"``, or
             ``"complex"``: the complex step ``Im f(x + ih) / h``, exact to
             rounding for real-analytic ``func`` that accepts complex tensors.
+            jacfd rejects functions that fail on complex input or return real
+            tensors for it, but cannot see a non-analytic op whose result stays
+            complex (``x.abs() * x``, ``torch.logsumexp``): check such a
+            function once against ``"central"``.
         order: The power of ``h`` in the truncation error: 2 (default), 4, 6 or 8
             for ``"central"`` (3, 5, 7 or 9 points); 1 (default) to 4 for
             ``"forward"``/``"backward"``. Higher orders cost more evaluations
@@ -148,7 +152,11 @@ def jacfd_with_error(
     and a rounding bound ``4 eps sum_k |w_k| |f(x_k)| / h``.
 
     Takes the same arguments as :func:`jacfd`; the step rule is that of
-    ``scheme`` and ``order``, and costs twice its evaluations.
+    ``scheme`` and ``order``, and costs twice its evaluations. At that step
+    rounding and truncation errors are balanced, so the extrapolation removes
+    only half of the error: the point of this transform is the estimate. With a
+    larger ``delta`` the extrapolation gains its full order (e.g. ``h**4`` from
+    central differences) and the estimate stays an upper bound.
 
     Returns:
         A function returning ``(jacobian, error)``, or ``(jacobian, error, aux)``
