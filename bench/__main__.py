@@ -7,7 +7,7 @@ import platform
 
 import torch
 
-from . import strategies
+from . import second, strategies
 
 
 def main() -> None:
@@ -19,7 +19,8 @@ def main() -> None:
         f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
         f"threads={torch.get_num_threads()}{', quick' if options.quick else ''}\n"
     )
-    print(strategies.report(options.quick))
+    for section in (strategies, second):
+        print(section.report(options.quick), end="\n\n")
 
 
 if __name__ == "__main__":
