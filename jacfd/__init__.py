@@ -3,10 +3,22 @@
 from ._src._evaluate import Batched
 from ._src._jacfd import jacfd, jacfd_with_error
 from ._src._jvp import jvpfd
+from ._src._patterns import (
+    SparsityReport,
+    banded_pattern,
+    block_diagonal_pattern,
+    check_sparsity,
+    diagonal_pattern,
+)
 from ._src._second import hessdiagfd, hessfd, laplacianfd
 
 __all__ = [
     "Batched",
+    "SparsityReport",
+    "banded_pattern",
+    "block_diagonal_pattern",
+    "check_sparsity",
+    "diagonal_pattern",
     "hessdiagfd",
     "hessfd",
     "jacfd",
@@ -16,6 +28,19 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-for _public in (Batched, hessdiagfd, hessfd, jacfd, jacfd_with_error, jvpfd, laplacianfd):
+for _public in (
+    Batched,
+    SparsityReport,
+    banded_pattern,
+    block_diagonal_pattern,
+    check_sparsity,
+    diagonal_pattern,
+    hessdiagfd,
+    hessfd,
+    jacfd,
+    jacfd_with_error,
+    jvpfd,
+    laplacianfd,
+):
     _public.__module__ = "jacfd"
 del _public

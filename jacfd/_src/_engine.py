@@ -20,6 +20,7 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_map, tree_map_only
 from ._evaluate import (
     RANDOMNESS,
     Batched,
+    Merged,
     RandomState,
     Randomness,
     evaluate,
@@ -37,7 +38,7 @@ from ._inputs import (
     split_output,
 )
 from ._layout import Contraction, contract
-from ._perturb import count_calls, perturb, plan_chunks
+from ._perturb import count_calls, perturb, perturb_colors, plan_chunks
 from ._steps import NOISE_EXPONENT, Delta, check_delta, exact_steps, match_delta
 from ._stencil import Stencil, resolve_stencil
 
@@ -62,7 +63,7 @@ class Options:
     has_aux: bool
     chunk_size: int | None
     randomness: Randomness
-    strategy: Literal["vmap", "loop"] | Batched
+    strategy: Literal["vmap", "loop"] | Batched | Merged
     noise_exponent: float
     """func's values are accurate to ~eps**noise_exponent: 1, or less if func was
     itself made by jacfd."""
@@ -174,10 +175,14 @@ class Columns:
     """Per contraction, per output leaf: the ``(n, *out)`` columns of all coordinates."""
 
     blocks: list[list[torch.Tensor]]
+    """With coloured directions: ``(num_colors, *out)`` compressed columns, not
+    divided by the steps."""
     out_spec: TreeSpec
     center: list[torch.Tensor] | None
     """func's output leaves at the unperturbed point, if it was evaluated."""
     aux: Any
+    steps: torch.Tensor
+    """The flat steps of all coordinates."""
 
 
 def make_rng(options: Options, call: Call, calls: int) -> RandomState | None:
@@ -237,12 +242,17 @@ def coordinate_columns(
     offsets: tuple[int, ...],
     contractions: list[Contraction],
     need_center: bool,
+    colors: torch.Tensor | None = None,
+    num_colors: int = 0,
 ) -> Columns:
     """Evaluates func at ``x + o h_j e_j`` for every offset and coordinate and
-    reduces each chunk with every contraction."""
+    reduces each chunk with every contraction. With ``colors`` (one per
+    coordinate), the directions are the colours instead: ``sum_{j of colour c}
+    h_j e_j``, and the columns come back compressed."""
     stencil, chunk_size, randomness = options.stencil, options.chunk_size, options.randomness
     need_center = need_center or (options.has_aux and not stencil.imaginary)
-    chunks = plan_chunks(call.num_coordinates, len(offsets), need_center, chunk_size)
+    directions = call.num_coordinates if colors is None else num_colors
+    chunks = plan_chunks(directions, len(offsets), need_center, chunk_size)
     rng = make_rng(options, call, count_calls(chunks, len(offsets), chunk_size))
 
     def run(output_eps: float) -> Columns | float:
@@ -252,7 +262,12 @@ def coordinate_columns(
         center: list[torch.Tensor] | None = None
         aux: Any = None
         for chunk in chunks:
-            leaves, in_dims = perturb(call.primals, steps, offsets, chunk, stencil.imaginary)
+            if colors is None:
+                leaves, in_dims = perturb(call.primals, steps, offsets, chunk, stencil.imaginary)
+            else:
+                leaves, in_dims = perturb_colors(
+                    call.primals, steps, offsets, chunk, colors, stencil.imaginary
+                )
             rows = chunk.rows(len(offsets))
             try:
                 outputs = evaluate(
@@ -284,11 +299,17 @@ def coordinate_columns(
                 flat_out = [value[1:] for value in flat_out]
                 if options.has_aux:
                     aux = tree_map(lambda value: value[0], outputs[1])
-            chunk_steps = flat_steps[chunk.start : chunk.stop]
+            chunk_steps = None if colors is not None else flat_steps[chunk.start : chunk.stop]
             blocks.append(
                 [
                     [
-                        contract(values, None if center is None else center[k], c, chunk_steps)
+                        contract(
+                            values,
+                            None if center is None else center[k],
+                            c,
+                            chunk_steps,
+                            chunk.count,
+                        )
                         for k, values in enumerate(flat_out)
                     ]
                     for c in contractions
@@ -298,7 +319,7 @@ def coordinate_columns(
             [torch.cat(parts) if len(parts) > 1 else parts[0] for parts in zip(*per_chunk)]
             for per_chunk in zip(*blocks)
         ]
-        return Columns(joined, out_spec, center, aux)
+        return Columns(joined, out_spec, center, aux, flat_steps)
 
     result = with_output_precision(run)
     if options.has_aux and stencil.imaginary:

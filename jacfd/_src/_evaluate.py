@@ -108,6 +108,33 @@ class Batched:
             )
 
 
+@dataclass(frozen=True)
+class Merged:
+    """Per-sample Jacobians by real batches: the stencil points are folded into
+    the function's own batch axis ``dim`` (``rows * B`` samples in one call)."""
+
+    dim: int
+    others: Literal["broadcast", "repeat"] = "broadcast"
+
+    def stack(self, x: torch.Tensor, batched: bool, rows: int) -> torch.Tensor:
+        if batched:  # (rows, ..., B at dim, ...) -> (..., rows * B, ...)
+            d = self.dim % (x.dim() - 1)
+            return x.movedim(0, d).flatten(d, d + 1)
+        d = self.dim % x.dim()
+        return x.unsqueeze(d).expand(*x.shape[:d], rows, *x.shape[d:]).flatten(d, d + 1)
+
+    def unstack(self, name: str, y: torch.Tensor, rows: int) -> torch.Tensor:
+        if y.dim() == 0 or not -y.dim() <= self.dim < y.dim() or y.shape[self.dim] % rows:
+            raise ValueError(
+                f"{name}(func, batch_dim={self.dim}, strategy='batched'): func was given "
+                f"{rows} stencil points folded into its batch axis but returned a tensor "
+                f"of shape {tuple(y.shape)}; per-sample Jacobians need every output "
+                f"batched along dim {self.dim} like the inputs."
+            )
+        d = self.dim % y.dim()
+        return y.unflatten(d, (rows, -1)).movedim(d, 0)
+
+
 Strategy: TypeAlias = Union[Literal["vmap", "batched", "loop"], Batched]
 STRATEGIES: tuple[str, ...] = ("vmap", "batched", "loop")
 
@@ -180,7 +207,7 @@ def evaluate(
     build: Builder,
     rows: int,
     chunk_size: int | None,
-    strategy: Literal["vmap", "loop"] | Batched,
+    strategy: Literal["vmap", "loop"] | Batched | Merged,
     randomness: Randomness,
     rng: RandomState | None,
     name: str = "jacfd",
@@ -198,7 +225,7 @@ def evaluate(
     for start in range(0, rows, step):
         stop = min(start + step, rows)
         leaves, in_dims = build(start, stop)
-        if isinstance(strategy, Batched):
+        if isinstance(strategy, (Batched, Merged)):
             pieces.append(_batched(fn, strategy, leaves, in_dims, stop - start, randomness, rng, name))
         elif strategy == "loop" or chunk_size == 1 or all(d is None for d in in_dims):
             pieces.append(_loop(fn, leaves, in_dims, stop - start, randomness, rng))
@@ -231,7 +258,7 @@ def _vmap(
 
 def _batched(
     fn: Callable[..., Any],
-    strategy: Batched,
+    strategy: Batched | Merged,
     leaves: Sequence[torch.Tensor],
     in_dims: Sequence[int | None],
     rows: int,

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ._engine import check_options, coordinate_columns, prepare
-from ._evaluate import Randomness, Strategy
+from ._evaluate import Batched, Merged, Randomness, Strategy
 from ._inputs import Argnums, wraps
 from ._layout import Contraction, to_torch_func_layout
+from ._coloring import color_columns
+from ._sparse import PerSample, Sparsity
 from ._steps import NOISE_EXPONENT, Delta
 from ._stencil import Scheme, richardson
 
@@ -30,6 +33,9 @@ def jacfd(
     chunk_size: int | None = None,
     randomness: Randomness = "error",
     strategy: Strategy = "vmap",
+    sparsity: Any = None,
+    sparse_output: bool = False,
+    batch_dim: int | None = None,
 ) -> Callable[..., Any]:
     """Jacobian of ``func`` by finite differences, laid out like ``torch.func.jacrev``.
 
@@ -85,6 +91,24 @@ def jacfd(
             ``.item()`` and anything vmap cannot trace. ``"batched"`` or a
             :class:`Batched`: ``func`` receives the points as a real batch along
             a dimension you choose, for models that only work on batches.
+        sparsity: The Jacobian's non-zero pattern, a boolean tensor (dense, or
+            sparse COO/CSR) of shape ``(outputs, inputs)`` with all output and
+            all differentiated input elements flattened leaf after leaf (for
+            one tensor in and out: ``(out.numel(), in.numel())``). Its columns
+            are coloured once, here, so that columns sharing no row are
+            perturbed together: one evaluation per colour and stencil point
+            instead of per input element. See :func:`banded_pattern` and
+            :func:`check_sparsity`.
+        sparse_output: With ``sparsity``, return the Jacobian as one sparse COO
+            tensor of shape ``(outputs, inputs)`` instead of dense leaves.
+        batch_dim: Per-sample Jacobians of a function whose samples do not
+            interact (``func(X)[b]`` depends on ``X[b]`` only), with the batch
+            along ``batch_dim`` of every differentiated input and every output.
+            The same feature of every sample is perturbed at once, so the cost
+            is that of the per-sample input size, whatever the batch size. The
+            result leaves have shape ``(B, *out_sample, *in_sample)``. With
+            ``strategy="batched"`` the stencil points are folded into the
+            function's own batch axis.
 
     Returns:
         A function taking the same arguments as ``func`` and returning its
@@ -109,25 +133,81 @@ def jacfd(
     options = check_options(
         "jacfd", func, argnums, delta, scheme, order, has_aux, chunk_size, randomness, strategy
     )
+    structure = _check_structure(sparsity, sparse_output, batch_dim, strategy)
+    if batch_dim is not None and strategy == "batched":
+        options = dataclasses.replace(options, strategy=Merged(batch_dim))
     stencil = options.stencil
     offsets = stencil.shifted_offsets
     contraction = Contraction.of(stencil, offsets)
+    single = isinstance(argnums, int)
 
     @wraps(func)
     def jacobian(*args: Any, **kwargs: Any) -> Any:
         call = prepare(func, args, kwargs, options)
+        colors, num_colors = None, 0
+        if isinstance(structure, PerSample):
+            colors, num_colors = structure.colors("jacfd", call.primals)
+        elif isinstance(structure, Sparsity):
+            structure.check("jacfd", 1, call.num_coordinates)
+            colors, num_colors = structure.coloring.colors, structure.coloring.num_colors
         columns = coordinate_columns(
-            call, options, offsets, [contraction], need_center=bool(stencil.center_weight)
+            call,
+            options,
+            offsets,
+            [contraction],
+            bool(stencil.center_weight),
+            colors,
+            num_colors,
         )
-        jac = to_torch_func_layout(
-            columns.blocks[0], columns.out_spec, call.primals, call.spec, isinstance(argnums, int)
-        )
+        blocks, out_spec = columns.blocks[0], columns.out_spec
+        if isinstance(structure, Sparsity):
+            structure.check("jacfd", 0, sum(block[0].numel() for block in blocks))
+            if sparse_output:
+                jac = structure.sparse(blocks, columns.steps)
+            else:
+                jac = structure.layout(
+                    blocks, columns.steps, out_spec, call.primals, call.spec, single
+                )
+        elif isinstance(structure, PerSample):
+            jac = structure.layout(
+                "jacfd", blocks, columns.steps, out_spec, call.primals, call.spec, single
+            )
+        else:
+            jac = to_torch_func_layout(blocks, out_spec, call.primals, call.spec, single)
         return (jac, columns.aux) if has_aux else jac
 
     # Values of this function are accurate to ~eps**(p/(p+q)) of func's own: a
     # jacfd around it reads this to size its step for that noise, not for eps.
     setattr(jacobian, NOISE_EXPONENT, options.noise_exponent * stencil.accuracy_exponent)
     return jacobian
+
+
+def _check_structure(
+    sparsity: Any, sparse_output: object, batch_dim: object, strategy: object
+) -> Sparsity | PerSample | None:
+    """Validates the structure options, and colours a sparsity pattern once."""
+    if not isinstance(sparse_output, bool):
+        raise TypeError(f"jacfd(func, sparse_output): expected a bool, got {sparse_output!r}.")
+    if sparse_output and sparsity is None:
+        raise ValueError(
+            "jacfd(func, sparse_output=True): a sparse output needs a sparsity pattern; "
+            "pass sparsity=..."
+        )
+    if batch_dim is not None:
+        if isinstance(batch_dim, bool) or not isinstance(batch_dim, int):
+            raise TypeError(f"jacfd(func, batch_dim): expected an int or None, got {batch_dim!r}.")
+        if sparsity is not None:
+            raise ValueError(
+                "jacfd(func, sparsity, batch_dim): choose one; batch_dim already "
+                "implies the block-diagonal pattern of independent samples."
+            )
+        if isinstance(strategy, Batched):
+            raise ValueError(
+                "jacfd(func, batch_dim, strategy=Batched(...)): with batch_dim the points "
+                "are folded into func's own batch axis; pass strategy='batched'."
+            )
+        return PerSample(batch_dim)
+    return None if sparsity is None else Sparsity(color_columns(sparsity))
 
 
 def jacfd_with_error(

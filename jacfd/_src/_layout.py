@@ -32,17 +32,24 @@ class Contraction:
     imaginary: bool
     absolute: bool = False
     """Contract ``|values|``: with ``|weights|`` this bounds the rounding error."""
+    magnitude: float = 0.0
+    """The weights' common magnitude if they differ only in sign (forward,
+    backward and central differences), else 0."""
 
     @staticmethod
     def of(stencil: Stencil, offsets: tuple[int, ...], absolute: bool = False) -> Contraction:
         if absolute:
             stencil = stencil.absolute()
+        weights = tuple(stencil.weight(o) for o in offsets)
+        center = stencil.weight(0)
+        magnitudes = {abs(w) for w in (*weights, center) if w}
         return Contraction(
-            tuple(stencil.weight(o) for o in offsets),
-            stencil.weight(0),
+            weights,
+            center,
             stencil.derivative,
             stencil.imaginary,
             absolute,
+            magnitudes.pop() if len(magnitudes) == 1 else 0.0,
         )
 
 
@@ -50,15 +57,17 @@ def contract(
     values: torch.Tensor,
     center: torch.Tensor | None,
     contraction: Contraction,
-    steps: torch.Tensor,
+    steps: torch.Tensor | None,
+    count: int,
 ) -> torch.Tensor:
-    """``sum_k w_k f(x + o_k h_j e_j) / h_j**q`` for each coordinate ``j`` of a chunk.
+    """``sum_k w_k f(x + o_k h_j e_j) / h_j**q`` for each direction ``j`` of a chunk.
 
     ``values`` holds one output leaf at the shifted points, offset-major:
     shape ``(S * count, *out)``. ``center`` is ``f(x)``, needed when the stencil
-    weighs it. Returns the columns, shape ``(count, *out)``.
+    weighs it. With ``steps`` None (coloured directions, whose columns have
+    different steps) nothing is divided. Returns shape ``(count, *out)``.
     """
-    by_offset = values.unflatten(0, (len(contraction.weights), steps.numel()))
+    by_offset = values.unflatten(0, (len(contraction.weights), count))
     terms = [(by_offset[k], w) for k, w in enumerate(contraction.weights) if w]
     if contraction.center_weight:
         if center is None:
@@ -68,14 +77,29 @@ def contract(
         terms = [(value.imag, w) for value, w in terms]
     if contraction.absolute:
         terms = [(value.abs(), w) for value, w in terms]
-    # Accumulating with alpha keeps the classical roundings: for forward and
-    # central differences this is exactly (f(x+h) - f(x)) and (f(x+h) - f(x-h)) / 2.
+    real_dtype = terms[0][0].real.dtype if terms[0][0].is_complex() else terms[0][0].dtype
+    if steps is None:
+        h = torch.ones((), dtype=real_dtype, device=terms[0][0].device)
+    else:
+        h = steps.to(real_dtype).reshape(-1, *([1] * (terms[0][0].dim() - 1)))
+        h = h**contraction.derivative if contraction.derivative > 1 else h
+    if contraction.magnitude:
+        # The weights differ only in sign: sum the values with signs and divide once
+        # by h / |w|, a power-of-two scaling for central differences, so the result
+        # rounds exactly as (f(x+h) - f(x-h)) / 2h. In place: ``total`` is fresh.
+        first = terms[0][1]
+        scale = h / contraction.magnitude if contraction.magnitude != 1 else h
+        scale = scale if first > 0 else -scale
+        if len(terms) == 1:  # the complex step: Im f(x + ih) / h
+            return terms[0][0] / scale
+        total = torch.add(terms[0][0], terms[1][0], alpha=terms[1][1] / first)
+        for value, weight in terms[2:]:
+            total.add_(value, alpha=weight / first)
+        return total.div_(scale)
     total = terms[0][0] * terms[0][1]
     for value, weight in terms[1:]:
-        total = torch.add(total, value, alpha=weight)
-    real_dtype = total.real.dtype if total.is_complex() else total.dtype
-    h = steps.to(real_dtype).reshape(-1, *([1] * (total.dim() - 1)))
-    return total / h**contraction.derivative if contraction.derivative > 1 else total / h
+        total.add_(value, alpha=weight)
+    return total.div_(h)
 
 
 def _unflatten(tensor: torch.Tensor, dim: int, shape: torch.Size) -> torch.Tensor:

@@ -9,8 +9,9 @@ row-major order). A chunk of ``count`` coordinates becomes a batch of rows,
     [x + o_S h_j e_j  for j in chunk]
 
 for the stencil's non-zero offsets ``o_1..o_S``. Each leaf is copied once per
-row and the steps are added in place at their ``rows x numel`` positions: no
-identity matrix, and nothing larger than the batch itself, is ever built.
+row and the steps are added in place along a diagonal view of each offset's
+block of rows: no identity matrix, no index tensors, and nothing larger than
+the batch itself, is ever built.
 """
 
 from __future__ import annotations
@@ -92,20 +93,58 @@ def perturb(
             leaves.append(leaf)
             in_dims.append(None)
         else:
-            device = leaf.device
-            cols = torch.arange(lo, hi, device=device)
-            row_of_col = cols + (first - chunk.start + int(chunk.with_center))
-            row_shift = torch.arange(len(offsets), device=device) * chunk.count
-            index = (row_of_col + row_shift[:, None]) * numel + cols
-            scale = torch.tensor(offsets, dtype=leaf.dtype, device=device)
-            values = scale[:, None] * h[lo:hi]
             base = leaf.reshape(1, numel)
             if imaginary:
-                values = torch.complex(torch.zeros_like(values), values)
                 base = torch.complex(base, torch.zeros_like(base))
             batch = base.expand(rows, numel).clone(memory_format=torch.contiguous_format)
-            batch.view(-1).index_add_(0, index.reshape(-1), values.reshape(-1))
+            # The chunk's coordinates lo..hi of this leaf sit on a diagonal of each
+            # offset's block of rows: add the steps along that diagonal view.
+            row = first + lo - chunk.start + int(chunk.with_center)
+            for k, offset in enumerate(offsets):
+                top = row + k * chunk.count
+                step = h[lo:hi] * offset if offset != 1 else h[lo:hi]
+                diagonal = batch[top : top + hi - lo, lo:hi].diagonal()
+                if imaginary:
+                    diagonal.imag.add_(step)
+                else:
+                    diagonal.add_(step)
             leaves.append(batch.view(rows, *leaf.shape))
             in_dims.append(0)
         first += numel
     return leaves, in_dims
+
+
+def perturb_colors(
+    primals: list[torch.Tensor],
+    steps: list[torch.Tensor],
+    offsets: tuple[int, ...],
+    chunk: Chunk,
+    colors: torch.Tensor,
+    imaginary: bool = False,
+) -> tuple[list[torch.Tensor], list[Optional[int]]]:
+    """The leaves at every row of a chunk of *colours*: row ``(o, c)`` is
+    ``x + o * sum_{j of colour c} h_j e_j``.
+
+    Columns whose colour is outside the chunk are routed to one extra row that
+    is dropped, so every shape is static (no masks) and the function traces.
+    """
+    rows = chunk.rows(len(offsets))
+    leaves: list[torch.Tensor] = []
+    first = 0
+    for leaf, h in zip(primals, steps):
+        numel = leaf.numel()
+        local = colors[first : first + numel].to(leaf.device) - chunk.start
+        inside = (local >= 0) & (local < chunk.count)
+        column = torch.arange(numel, device=leaf.device)
+        base = leaf.reshape(1, numel)
+        step = h
+        if imaginary:
+            base = torch.complex(base, torch.zeros_like(base))
+            step = torch.complex(torch.zeros_like(h), h)
+        batch = base.expand(rows + 1, numel).clone(memory_format=torch.contiguous_format)
+        for k, offset in enumerate(offsets):
+            row = torch.where(inside, local + (int(chunk.with_center) + k * chunk.count), rows)
+            batch.view(-1).index_add_(0, row * numel + column, step * offset)
+        leaves.append(batch[:rows].view(rows, *leaf.shape))
+        first += numel
+    return leaves, [0] * len(leaves)
