@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import statistics
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,14 +19,49 @@ class Timing:
     def __str__(self) -> str:
         return f"{format_seconds(self.median)} ± {format_seconds(self.iqr / 2)}"
 
+    def short(self) -> str:
+        """The median and half the IQR in percent: ``1.23 ms ±2%``."""
+        return f"{format_seconds(self.median)} ±{50 * self.iqr / self.median:.0f}%"
+
 
 def measure(fn: Callable[[], object], quick: bool) -> Timing:
     """Warm-up, then ``blocked_autorange``: torch picks the block size, so cheap
     calls are timed in blocks and the timer's own cost is amortised."""
-    fn()
-    timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    result = timer.blocked_autorange(min_run_time=0.05 if quick else 0.5)
-    return Timing(result.median, result.iqr)
+    return measure_all({"": fn}, quick, rounds=1)[""]
+
+
+def measure_all(fns: Mapping[str, Callable[[], object]], quick: bool, rounds: int = 3) -> dict[str, Timing]:
+    """``measure`` for several functions, interleaved: ``rounds`` passes over all
+    of them, each pass a ``rounds``-th of the run time, the block times pooled.
+
+    A burst of load from other processes then falls on every function alike, not
+    on one of them, so the ratios of medians from one call stay fair.
+    """
+    timers = {}
+    for name, fn in fns.items():
+        fn()  # warm-up
+        timers[name] = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    run_time = (0.05 if quick else 0.5) / rounds
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, timer in timers.items():
+            times[name] += timer.blocked_autorange(min_run_time=run_time).times
+    return {name: summarise(samples) for name, samples in times.items()}
+
+
+def summarise(samples: Sequence[float]) -> Timing:
+    """The median and interquartile range of per-call times."""
+    if len(samples) < 2:
+        return Timing(samples[0], 0.0)
+    q1, median, q3 = statistics.quantiles(samples, n=4)
+    return Timing(median, q3 - q1)
+
+
+def format_bytes(size: float) -> str:
+    for unit, scale in (("GB", 2**30), ("MB", 2**20), ("kB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.3g} {unit}"
+    return f"{size:.0f} B"
 
 
 def format_seconds(seconds: float) -> str:

@@ -251,8 +251,9 @@ def coordinate_columns(
     h_j e_j``, and the columns come back compressed."""
     stencil, chunk_size, randomness = options.stencil, options.chunk_size, options.randomness
     need_center = need_center or (options.has_aux and not stencil.imaginary)
-    directions = call.num_coordinates if colors is None else num_colors
-    chunks = plan_chunks(directions, len(offsets), need_center, chunk_size)
+    # Coordinates are chunked leaf by leaf; colours may span leaves.
+    sizes = [leaf.numel() for leaf in call.primals] if colors is None else [num_colors]
+    chunks = plan_chunks(sizes, len(offsets), need_center, chunk_size)
     rng = make_rng(options, call, count_calls(chunks, len(offsets), chunk_size))
 
     def run(output_eps: float) -> Columns | float:

@@ -40,25 +40,31 @@ class Chunk:
 
 
 def plan_chunks(
-    num_coordinates: int, num_offsets: int, need_center: bool, chunk_size: int | None
+    sizes: list[int], num_offsets: int, need_center: bool, chunk_size: int | None
 ) -> list[Chunk]:
-    """Splits the coordinates so that no chunk exceeds ``chunk_size`` rows.
+    """Splits the directions so that no chunk exceeds ``chunk_size`` rows.
 
-    Only the first chunk carries the centre point. A chunk holds at least one
-    coordinate even when its stencil has more points than ``chunk_size``; the
-    evaluation then splits its rows further.
+    ``sizes`` are the numbers of directions of each differentiated leaf, and no
+    chunk spans two leaves: each call then batches only the leaf it perturbs
+    and passes the others unbatched, which saves copying every leaf for every
+    point (a parameter dict's other weights stay plain matrices). Only the
+    first chunk carries the centre point. A chunk holds at least one direction
+    even when its stencil has more points than ``chunk_size``; the evaluation
+    then splits its rows further.
     """
-    if num_coordinates == 0:
+    if sum(sizes) == 0:
         return [Chunk(0, 0, True)]
-    if chunk_size is None:
-        return [Chunk(0, num_coordinates, need_center)]
     chunks = []
     start, with_center = 0, need_center
-    while start < num_coordinates:
-        per_chunk = max(1, (chunk_size - int(with_center)) // num_offsets)
-        stop = min(start + per_chunk, num_coordinates)
-        chunks.append(Chunk(start, stop, with_center))
-        start, with_center = stop, False
+    for size in sizes:
+        end = start + size
+        while start < end:
+            if chunk_size is None:
+                stop = end
+            else:
+                stop = min(start + max(1, (chunk_size - int(with_center)) // num_offsets), end)
+            chunks.append(Chunk(start, stop, with_center))
+            start, with_center = stop, False
     return chunks
 
 
@@ -89,8 +95,8 @@ def perturb(
     for leaf, h in zip(primals, steps):
         numel = leaf.numel()
         lo, hi = max(chunk.start - first, 0), min(chunk.stop - first, numel)
-        if lo >= hi:
-            leaves.append(leaf)
+        if lo >= hi:  # in complex mode every differentiated leaf is complex
+            leaves.append(torch.complex(leaf, torch.zeros_like(leaf)) if imaginary else leaf)
             in_dims.append(None)
         else:
             base = leaf.reshape(1, numel)
