@@ -10,6 +10,7 @@ so rises well under 1 MB read as about 0.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import math
@@ -35,10 +36,9 @@ def peak_rise_mb(call: Callable[[], object]) -> float:
     """MB (10^6 bytes) by which ``call()``, after one warm-up call, raises the
     peak RSS of this process (its result is held until the peak is read);
     ``nan`` where the kernel offers no resettable high-water mark."""
-    try:
+    # Not glibc: freed blocks may stay resident, the rise is a lower bound.
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 16)
-    except (OSError, AttributeError):
-        pass  # not glibc: freed blocks may stay resident, the rise is a lower bound
     call()  # warm-up: code pages, lazily built caches
     gc.collect()
     try:

@@ -30,7 +30,9 @@ def measure(fn: Callable[[], object], quick: bool) -> Timing:
     return measure_all({"": fn}, quick, rounds=1)[""]
 
 
-def measure_all(fns: Mapping[str, Callable[[], object]], quick: bool, rounds: int = 3) -> dict[str, Timing]:
+def measure_all(
+    fns: Mapping[str, Callable[[], object]], quick: bool, rounds: int = 3
+) -> dict[str, Timing]:
     """``measure`` for several functions, interleaved: ``rounds`` passes over all
     of them, each pass a ``rounds``-th of the run time, the block times pooled.
 
@@ -40,7 +42,9 @@ def measure_all(fns: Mapping[str, Callable[[], object]], quick: bool, rounds: in
     timers = {}
     for name, fn in fns.items():
         fn()  # warm-up
-        timers[name] = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        timers[name] = benchmark.Timer(
+            "fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
+        )
     run_time = (0.05 if quick else 0.5) / rounds
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):

@@ -16,10 +16,17 @@ def report(quick: bool) -> str:
     torch.manual_seed(0)
     rows = []
     for dims, points in ((2, 1024), (8, 256)):
-        net = torch.nn.Sequential(
-            torch.nn.Linear(dims, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64), torch.nn.Tanh(),
-            torch.nn.Linear(64, 1),
-        ).double().requires_grad_(False)
+        net = (
+            torch.nn.Sequential(
+                torch.nn.Linear(dims, 64),
+                torch.nn.Tanh(),
+                torch.nn.Linear(64, 64),
+                torch.nn.Tanh(),
+                torch.nn.Linear(64, 1),
+            )
+            .double()
+            .requires_grad_(False)
+        )
 
         def u(p: torch.Tensor) -> torch.Tensor:
             return net(p).squeeze(-1)
@@ -27,19 +34,30 @@ def report(quick: bool) -> str:
         x = torch.rand(points, dims, dtype=torch.float64)
         candidates = {
             "vmap(laplacianfd(u))": vmap(laplacianfd(u)),
-            "vmap(hessian(u)).trace": lambda p: vmap(hessian(u))(p).diagonal(dim1=-2, dim2=-1).sum(-1),
-            "vmap(jacfwd(jacrev(u))).trace": lambda p: vmap(jacfwd(jacrev(u)))(p)
-            .diagonal(dim1=-2, dim2=-1)
-            .sum(-1),
+            "vmap(hessian(u)).trace": lambda p: (
+                vmap(hessian(u))(p).diagonal(dim1=-2, dim2=-1).sum(-1)
+            ),
+            "vmap(jacfwd(jacrev(u))).trace": lambda p: (
+                vmap(jacfwd(jacrev(u)))(p).diagonal(dim1=-2, dim2=-1).sum(-1)
+            ),
         }
         reference = candidates["vmap(hessian(u)).trace"](x)
         baseline = measure(lambda: candidates["vmap(hessian(u)).trace"](x), quick)
         for label, fn in candidates.items():
             timing = measure(lambda fn=fn: fn(x), quick)
             error = ((fn(x) - reference).abs().max() / reference.abs().max()).item()
-            rows.append([f"{dims}-d, {points} points", label, timing,
-                         f"{timing.median / baseline.median:.2f}", f"{error:.1e}"])
-    return "\n\n".join([
-        "### Laplacian of a tanh MLP at collocation points (float64)",
-        table(["case", "method", "time", "ratio to hessian", "max rel. difference"], rows),
-    ])
+            rows.append(
+                [
+                    f"{dims}-d, {points} points",
+                    label,
+                    timing,
+                    f"{timing.median / baseline.median:.2f}",
+                    f"{error:.1e}",
+                ]
+            )
+    return "\n\n".join(
+        [
+            "### Laplacian of a tanh MLP at collocation points (float64)",
+            table(["case", "method", "time", "ratio to hessian", "max rel. difference"], rows),
+        ]
+    )

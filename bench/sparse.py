@@ -15,7 +15,10 @@ def per_sample_rows(quick: bool) -> list[list[object]]:
     """(B, 1, 8, 8) images -> (B, 10) logits: per-sample Jacobians (B, 10, 1, 8, 8)."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 4, 3), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 10)
+        torch.nn.Conv2d(1, 4, 3),
+        torch.nn.Tanh(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 6 * 6, 10),
     ).requires_grad_(False)
     batch = 8 if quick else 64
     images = torch.randn(batch, 1, 8, 8)
@@ -41,7 +44,12 @@ def per_sample_rows(quick: bool) -> list[list[object]]:
     times = {label: measure(fn, quick) for label, (fn, _) in candidates.items()}
     dense = times["dense jacfd of the whole batch (chunked)"].median
     return [
-        [label, "-" if calls is None else calls, times[label], f"{dense / times[label].median:.1f}"]
+        [
+            label,
+            "-" if calls is None else calls,
+            times[label],
+            f"{dense / times[label].median:.1f}",
+        ]
         for label, (_, calls) in candidates.items()
     ]
 
@@ -69,7 +77,12 @@ def tridiagonal_rows(quick: bool) -> list[list[object]]:
     times = {label: measure(fn, quick) for label, (fn, _) in candidates.items()}
     dense = times["dense jacfd (chunk_size=2000)"].median
     return [
-        [label, "-" if calls is None else calls, times[label], f"{dense / times[label].median:.0f}"]
+        [
+            label,
+            "-" if calls is None else calls,
+            times[label],
+            f"{dense / times[label].median:.0f}",
+        ]
         for label, (_, calls) in candidates.items()
     ]
 
@@ -94,7 +107,10 @@ def report(quick: bool) -> str:
                 per_sample_rows(quick),
             ),
             "### Tridiagonal system (float32)",
-            table(["method", "evaluations", "time", "speed-up over dense jacfd"], tridiagonal_rows(quick)),
+            table(
+                ["method", "evaluations", "time", "speed-up over dense jacfd"],
+                tridiagonal_rows(quick),
+            ),
             "### Memory of a sparse (tridiagonal) Jacobian",
             table(["n", "non-zeros", "sparse COO", "dense would need"], sparse_memory_rows(quick)),
         ]

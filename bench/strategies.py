@@ -55,11 +55,22 @@ def black_box_rows(quick: bool) -> list[list[object]]:
         for method, scheme in (("2-point", "forward"), ("3-point", "central")):
             transform = jacfd(through_torch, scheme=scheme, strategy="loop")
             xt = torch.from_numpy(x)
-            error = np.abs(transform(xt).numpy() - approx_derivative(black_box, x, method=method)).max()
+            error = np.abs(
+                transform(xt).numpy() - approx_derivative(black_box, x, method=method)
+            ).max()
             scipy_time = measure(lambda: approx_derivative(black_box, x, method=method), quick)
             jacfd_time = measure(lambda: transform(xt), quick)
             ratio = jacfd_time.median / scipy_time.median
-            rows.append([label, f"{scheme} / {method}", scipy_time, jacfd_time, f"{ratio:.2f}", f"{error:.1e}"])
+            rows.append(
+                [
+                    label,
+                    f"{scheme} / {method}",
+                    scipy_time,
+                    jacfd_time,
+                    f"{ratio:.2f}",
+                    f"{error:.1e}",
+                ]
+            )
     return rows
 
 
@@ -76,16 +87,25 @@ def strategy_rows(quick: bool) -> list[list[object]]:
     for strategy in ("vmap", "batched", "loop"):
         transform = jacfd(model, scheme="forward", strategy=strategy)
         timing = measure(lambda: transform(x), quick)
-        rows.append([f'jacfd(strategy="{strategy}")', timing, f"{timing.median / limit.median:.2f}"])
+        rows.append(
+            [f'jacfd(strategy="{strategy}")', timing, f"{timing.median / limit.median:.2f}"]
+        )
     return rows
 
 
 def report(quick: bool) -> str:
     return "\n\n".join(
         [
-            "### Black boxes: `strategy=\"loop\"` vs `scipy.optimize.approx_derivative`",
+            '### Black boxes: `strategy="loop"` vs `scipy.optimize.approx_derivative`',
             table(
-                ["black box", "scheme", "scipy", "jacfd loop", "jacfd / scipy", "max abs difference"],
+                [
+                    "black box",
+                    "scheme",
+                    "scipy",
+                    "jacfd loop",
+                    "jacfd / scipy",
+                    "max abs difference",
+                ],
                 black_box_rows(quick),
             ),
             "### Strategies on a torch-native MLP (64 -> 256 -> 64, float32, forward)",

@@ -12,11 +12,11 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch.autograd.functional import hessian as autograd_hessian
@@ -32,15 +32,27 @@ from ._timing import Timing, measure, measure_all, table
 Call = tuple[Callable[..., Any], tuple[Any, ...]]
 """A function and the arguments to time it on."""
 Transform = Callable[[Callable[..., Any]], Callable[..., Any]]
-Cell = Union[Timing, str]
+Cell = Timing | str
 nn = torch.nn
 
 FORWARD, CENTRAL, COMPILED = "jacfd forward", "jacfd central", "jacfd forward, compiled"
 LIMIT, LIMIT_2N, ONE = "limit (n+1)", "limit (2n)", "f, one point"
-COLUMNS = (FORWARD, CENTRAL, COMPILED, "jacrev", "jacfwd", "autograd.functional", LIMIT, LIMIT_2N, ONE)
+COLUMNS = (
+    FORWARD,
+    CENTRAL,
+    COMPILED,
+    "jacrev",
+    "jacfwd",
+    "autograd.functional",
+    LIMIT,
+    LIMIT_2N,
+    ONE,
+)
 TRANSFORMS: dict[str, Transform] = {
-    FORWARD: partial(jacfd, scheme="forward"), CENTRAL: partial(jacfd, scheme="central"),
-    "jacrev": jacrev, "jacfwd": jacfwd,
+    FORWARD: partial(jacfd, scheme="forward"),
+    CENTRAL: partial(jacfd, scheme="central"),
+    "jacrev": jacrev,
+    "jacfwd": jacfwd,
 }
 MEMORY_METHODS = (FORWARD, "jacrev", LIMIT)
 CHUNK_SIZES = (None, 256, 64, 16)
@@ -67,8 +79,14 @@ class Problem:
 
     def calls(self) -> dict[str, Call]:
         calls = {name: self.jac(transform) for name, transform in TRANSFORMS.items()}
-        calls.update({"autograd.functional": self.autograd, LIMIT: self.stacked(self.n + 1),
-                      LIMIT_2N: self.stacked(2 * self.n), ONE: self.one})
+        calls.update(
+            {
+                "autograd.functional": self.autograd,
+                LIMIT: self.stacked(self.n + 1),
+                LIMIT_2N: self.stacked(2 * self.n),
+                ONE: self.one,
+            }
+        )
         return {**calls, **self.special}
 
 
@@ -81,8 +99,12 @@ def mlp_problem(label: str, dims: tuple[int, int, int], dtype: torch.dtype) -> P
     model = mlp(*dims).to(dtype).requires_grad_(False)
     x = torch.randn(n, dtype=dtype)
     return Problem(
-        f"{label} ({n} -> {hidden} -> {out})", n, out, lambda t: (t(model), (x,)),
-        lambda points: (model, (torch.randn(points, n, dtype=dtype),)), (model, (x,)),
+        f"{label} ({n} -> {hidden} -> {out})",
+        n,
+        out,
+        lambda t: (t(model), (x,)),
+        lambda points: (model, (torch.randn(points, n, dtype=dtype),)),
+        (model, (x,)),
         (partial(autograd_jacobian, model, vectorize=True), (x,)),
     )
 
@@ -99,10 +121,13 @@ def conv_problem(batch: int, dtype: torch.dtype) -> Problem:
         return cnn(x).sum(0)
 
     return Problem(
-        f"per-sample conv (B={batch}, 1x8x8 -> 10)", 64, 10,
+        f"per-sample conv (B={batch}, 1x8x8 -> 10)",
+        64,
+        10,
         lambda t: (vmap(t(single)), (images,)),
         lambda points: (cnn, (torch.randn(batch * points, 1, 8, 8, dtype=dtype),)),
-        (cnn, (images,)), (partial(autograd_jacobian, summed, vectorize=True), (images,)),
+        (cnn, (images,)),
+        (partial(autograd_jacobian, summed, vectorize=True), (images,)),
     )
 
 
@@ -123,8 +148,12 @@ def params_problem(dims: tuple[int, int, int], dtype: torch.dtype) -> Problem:
         return vmap(call, in_dims=(0, None)), (batch, x)
 
     return Problem(
-        f"parameters ({dims[0]} -> {dims[1]} -> {dims[2]}, {n} params)", n, dims[2],
-        lambda t: (t(call), (params, x)), stacked, (call, (params, x)),
+        f"parameters ({dims[0]} -> {dims[1]} -> {dims[2]}, {n} params)",
+        n,
+        dims[2],
+        lambda t: (t(call), (params, x)),
+        stacked,
+        (call, (params, x)),
         (partial(autograd_jacobian, of_tuple, vectorize=True), (tuple(params.values()),)),
     )
 
@@ -140,9 +169,14 @@ def hessian_problem(n: int, hidden: int, dtype: torch.dtype) -> Problem:
         return f(x).sum()
 
     return Problem(
-        f"Hessian, T(grad(f)) ({n} -> {hidden} -> 1)", n, n, lambda t: (t(grad(f)), (x,)),
-        lambda points: (grad(total), (torch.randn(points, n, dtype=dtype),)), (grad(f), (x,)),
-        (partial(autograd_hessian, f, vectorize=True), (x,)), {"jacfwd": (hessian(f), (x,))},
+        f"Hessian, T(grad(f)) ({n} -> {hidden} -> 1)",
+        n,
+        n,
+        lambda t: (t(grad(f)), (x,)),
+        lambda points: (grad(total), (torch.randn(points, n, dtype=dtype),)),
+        (grad(f), (x,)),
+        (partial(autograd_hessian, f, vectorize=True), (x,)),
+        {"jacfwd": (hessian(f), (x,))},
     )
 
 
@@ -168,7 +202,8 @@ def thunk(call: Call) -> Callable[[], object]:
 def time_compiled(call: Call, quick: bool) -> tuple[Cell, str]:
     """(warm timing, cold first call) of ``torch.compile(fn)``, or why it failed."""
     fn, args = call
-    torch._dynamo.reset()  # jacfd's code objects recur in every case: stay under the recompile limit
+    # jacfd's code objects recur in every case: stay under the recompile limit.
+    torch._dynamo.reset()
     compiled = torch.compile(fn, backend="inductor")
     try:
         with warnings.catch_warnings():
@@ -177,14 +212,16 @@ def time_compiled(call: Call, quick: bool) -> tuple[Cell, str]:
             compiled(*args)
             cold = time.perf_counter() - start
             return measure(thunk((compiled, args)), quick), f"{cold:.1f} s"
-    except Exception as error:  # noqa: BLE001 - a failing compile is a result, not a crash
+    except Exception as error:
         return f"failed: {type(error).__name__}", "-"
 
 
 def time_problem(problem: Problem, quick: bool, compiled: bool) -> dict[str, Cell]:
     """Every column's timing (the cold compile time under ``"compile"``)."""
     calls = problem.calls()
-    timings = measure_all({name: thunk(call) for name, call in calls.items()}, quick, 1 if quick else 3)
+    timings = measure_all(
+        {name: thunk(call) for name, call in calls.items()}, quick, 1 if quick else 3
+    )
     cells: dict[str, Cell] = dict(timings)
     if compiled:
         cells[COMPILED], cells["compile"] = time_compiled(calls[FORWARD], quick)
@@ -209,10 +246,14 @@ def ratio(cells: dict[str, Cell], top: str, bottom: str, above: float | None = N
 def ratio_row(problem: Problem, cells: dict[str, Cell]) -> list[str]:
     limit = cells[LIMIT]
     costly = isinstance(limit, Timing) and limit.median >= 1e-3
-    return [problem.label, ratio(cells, FORWARD, LIMIT, 1.25 if costly else None),
-            ratio(cells, CENTRAL, LIMIT_2N),
-            ratio(cells, FORWARD, "jacrev", 1.0 if problem.m >= problem.n else None),
-            ratio(cells, FORWARD, "jacfwd", 1.0), ratio(cells, COMPILED, LIMIT)]
+    return [
+        problem.label,
+        ratio(cells, FORWARD, LIMIT, 1.25 if costly else None),
+        ratio(cells, CENTRAL, LIMIT_2N),
+        ratio(cells, FORWARD, "jacrev", 1.0 if problem.m >= problem.n else None),
+        ratio(cells, FORWARD, "jacfwd", 1.0),
+        ratio(cells, COMPILED, LIMIT),
+    ]
 
 
 def short(cell: Cell) -> str:
@@ -223,16 +264,30 @@ def time_tables(dtype: torch.dtype, results: list[tuple[Problem, dict[str, Cell]
     name = str(dtype).removeprefix("torch.")
     times = [[p.label, *(short(c[col]) for col in COLUMNS), c["compile"]] for p, c in results]
     ratios = [ratio_row(p, c) for p, c in results]
-    return "\n\n".join([
-        f"### Times, {name}", table(["case", *COLUMNS, "compile (cold)"], times),
-        f"### Ratios, {name} (same run)",
-        table(["case", "forward / limit (n+1)", "central / limit (2n)", "forward / jacrev",
-               "forward / jacfwd", "compiled / limit (n+1)"], ratios),
-    ])
+    return "\n\n".join(
+        [
+            f"### Times, {name}",
+            table(["case", *COLUMNS, "compile (cold)"], times),
+            f"### Ratios, {name} (same run)",
+            table(
+                [
+                    "case",
+                    "forward / limit (n+1)",
+                    "central / limit (2n)",
+                    "forward / jacrev",
+                    "forward / jacfwd",
+                    "compiled / limit (n+1)",
+                ],
+                ratios,
+            ),
+        ]
+    )
 
 
 def nbytes(tree: object) -> int:
-    return sum(t.numel() * t.element_size() for t in tree_leaves(tree) if isinstance(t, torch.Tensor))
+    return sum(
+        t.numel() * t.element_size() for t in tree_leaves(tree) if isinstance(t, torch.Tensor)
+    )
 
 
 def expected_bytes(problem: Problem) -> int:
@@ -277,20 +332,42 @@ def memory_tables(quick: bool) -> str:
     for i, problem in enumerate(cases):
         expected = expected_bytes(problem) / 1e6
         jacfd_mb, jacrev_mb, limit_mb = (peaks.get((i, m, None)) for m in MEMORY_METHODS)
-        shares = [f"{jacfd_mb / bottom:.2f}" if jacfd_mb is not None and bottom and bottom >= 1 else "n/a"
-                  for bottom in (expected, limit_mb)]
-        rows.append([problem.label, *map(megabytes, (jacfd_mb, jacrev_mb, limit_mb)), f"{expected:.2f}", *shares])
+        shares = [
+            f"{jacfd_mb / bottom:.2f}"
+            if jacfd_mb is not None and bottom and bottom >= 1
+            else "n/a"
+            for bottom in (expected, limit_mb)
+        ]
+        rows.append(
+            [
+                problem.label,
+                *map(megabytes, (jacfd_mb, jacrev_mb, limit_mb)),
+                f"{expected:.2f}",
+                *shares,
+            ]
+        )
     square = cases[1]
     timings = measure_all(
-        {str(c): thunk(square.jac(partial(jacfd, scheme="forward", chunk_size=c))) for c in CHUNK_SIZES}, quick
+        {
+            str(c): thunk(square.jac(partial(jacfd, scheme="forward", chunk_size=c)))
+            for c in CHUNK_SIZES
+        },
+        quick,
     )
-    sweep = [[str(c), timings[str(c)].short(), megabytes(peaks.get((1, FORWARD, c)))] for c in CHUNK_SIZES]
-    return "\n\n".join([
-        "### Peak memory, float32 (MB)",
-        table(["case", *MEMORY_METHODS, "expected", "jacfd / expected", "jacfd / limit"], rows),
-        f"### chunk_size sweep: jacfd forward on the {square.label}, float32",
-        table(["chunk_size", "time", "peak MB"], sweep),
-    ])
+    sweep = [
+        [str(c), timings[str(c)].short(), megabytes(peaks.get((1, FORWARD, c)))]
+        for c in CHUNK_SIZES
+    ]
+    return "\n\n".join(
+        [
+            "### Peak memory, float32 (MB)",
+            table(
+                ["case", *MEMORY_METHODS, "expected", "jacfd / expected", "jacfd / limit"], rows
+            ),
+            f"### chunk_size sweep: jacfd forward on the {square.label}, float32",
+            table(["chunk_size", "time", "peak MB"], sweep),
+        ]
+    )
 
 
 def chart(results: list[tuple[Problem, dict[str, Cell]]], path: Path) -> None:
@@ -322,7 +399,9 @@ def report(quick: bool, compiled: bool = True, image: Path | None = None) -> str
     sections: list[str] = []
     float32: list[tuple[Problem, dict[str, Cell]]] = []
     for dtype in (torch.float32, torch.float64):
-        results = [(p, time_problem(p, quick, compiled and not quick)) for p in problems(dtype, quick)]
+        results = [
+            (p, time_problem(p, quick, compiled and not quick)) for p in problems(dtype, quick)
+        ]
         float32 = float32 or results
         sections.append(time_tables(dtype, results))
     sections.append(memory_tables(quick))

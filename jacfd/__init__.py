@@ -1,5 +1,6 @@
 """jacfd: finite-difference Jacobians that compose with ``torch.func``."""
 
+from ._src._check import GradCheckError, GradCheckReport, check_grad
 from ._src._evaluate import Batched
 from ._src._jacfd import jacfd, jacfd_with_error
 from ._src._jvp import jvpfd
@@ -14,9 +15,12 @@ from ._src._second import hessdiagfd, hessfd, laplacianfd
 
 __all__ = [
     "Batched",
+    "GradCheckError",
+    "GradCheckReport",
     "SparsityReport",
     "banded_pattern",
     "block_diagonal_pattern",
+    "check_grad",
     "check_sparsity",
     "diagonal_pattern",
     "hessdiagfd",
@@ -30,9 +34,12 @@ __version__ = "0.1.0"
 
 for _public in (
     Batched,
+    GradCheckError,
+    GradCheckReport,
     SparsityReport,
     banded_pattern,
     block_diagonal_pattern,
+    check_grad,
     check_sparsity,
     diagonal_pattern,
     hessdiagfd,

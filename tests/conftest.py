@@ -62,4 +62,6 @@ def assert_jacobian_close(
         scale = max(1.0, e.abs().max().item())
         wide = torch.promote_types(a.dtype, torch.float64)
         error = (a.to(wide) - e.to(wide)).abs().max().item()
-        assert error <= tol * scale, f"max error {error:.3e} > {tol * scale:.3e} ({dtype}, {scheme})"
+        assert error <= tol * scale, (
+            f"max error {error:.3e} > {tol * scale:.3e} ({dtype}, {scheme})"
+        )

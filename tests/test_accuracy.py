@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import SAFETY, assert_jacobian_close, fd_tolerance
+from conftest import SAFETY, assert_jacobian_close
+from test_reference import ZOO, mlp, reference, uniform
 from torch import nn
 from torch.func import hessian, jacrev
 from torch.utils._pytree import tree_flatten
 
 from jacfd import jacfd, jacfd_with_error
-from test_reference import ZOO, mlp, reference, uniform
 
 # hessian (through jacfwd) calls the deprecated torch.jit.script internally.
 pytestmark = pytest.mark.filterwarnings(
@@ -196,8 +196,16 @@ def test_invalid_order(scheme: str, order: Any, allowed: str) -> None:
 # ------------------------------------------------------------------------ complex step
 
 ANALYTIC = [
-    "tanh", "sin_2d", "exp", "cubic", "matmul", "to_scalar", "scalar_to_vector",
-    "multi_in_multi_out", "x_matmul_y", "x_times_sum_y",
+    "tanh",
+    "sin_2d",
+    "exp",
+    "cubic",
+    "matmul",
+    "to_scalar",
+    "scalar_to_vector",
+    "multi_in_multi_out",
+    "x_matmul_y",
+    "x_times_sum_y",
 ]  # softmax is excluded: torch's complex softmax is not the analytic continuation
 
 
@@ -382,9 +390,9 @@ def test_with_error_has_aux(scheme: str) -> None:
 
 
 def test_noise_exponent_attribute() -> None:
-    assert getattr(jacfd(torch.sin, order=4), "_jacfd_noise_exponent") == 4 / 5
-    assert getattr(jacfd(torch.sin, scheme="forward", order=3), "_jacfd_noise_exponent") == 3 / 4
-    assert getattr(jacfd(torch.sin, scheme="complex"), "_jacfd_noise_exponent") == 1.0
+    assert jacfd(torch.sin, order=4)._jacfd_noise_exponent == 4 / 5
+    assert jacfd(torch.sin, scheme="forward", order=3)._jacfd_noise_exponent == 3 / 4
+    assert jacfd(torch.sin, scheme="complex")._jacfd_noise_exponent == 1.0
 
 
 NESTED = {

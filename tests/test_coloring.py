@@ -247,7 +247,11 @@ def build_errors() -> list[tuple[object, type[Exception], list[str]]]:
             (torch.tensor(True), ValueError, ["2-D", "shape ()"]),
             (torch.ones(3, 3, 2).to_sparse(2), ValueError, ["2-D", "(3, 3, 2)"]),
             (torch.ones(2, 3, 3).to_sparse_csr(), ValueError, ["2-D", "(2, 3, 3)"]),
-            (torch.ones(2, 2, dtype=torch.complex64), TypeError, ["dtype torch.complex64", "!= 0"]),
+            (
+                torch.ones(2, 2, dtype=torch.complex64),
+                TypeError,
+                ["dtype torch.complex64", "!= 0"],
+            ),
             (torch.full((2, 2), 0.5), ValueError, ["only 0 and 1", "0.5", "!= 0"]),
             (torch.tensor([[0, 2]]), ValueError, ["only 0 and 1", "2"]),
             (torch.tensor([[-1.0, 1.0]]), ValueError, ["only 0 and 1", "-1.0"]),

@@ -198,7 +198,7 @@ def test_nested_default_steps_account_for_the_inner_noise(name: str, outer: str)
     the outer jacfd's automatic step balances that noise instead of eps: no delta
     is needed for any outer scheme."""
     f, x = NESTED_FUNCTIONS[name], uniform((4,), 21)
-    assert getattr(jacfd(f), "_jacfd_noise_exponent") == pytest.approx(2 / 3)
+    assert jacfd(f)._jacfd_noise_exponent == pytest.approx(2 / 3)
     nested = jacfd(jacfd(f, scheme="central"), scheme=outer)(x)
     assert hessian_error(nested, hessian(f)(x)) <= 1e-4
 

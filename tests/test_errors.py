@@ -103,7 +103,9 @@ def test_func_must_return_floating_tensors(output: object, phrase: str) -> None:
 
 @pytest.mark.parametrize("output", [X, (X,), (X, X, X), [X, X]])
 def test_has_aux_requires_a_pair(output: object) -> None:
-    with pytest.raises(TypeError, match=r"has_aux=True\): func must return a tuple \(output, aux\)"):
+    with pytest.raises(
+        TypeError, match=r"has_aux=True\): func must return a tuple \(output, aux\)"
+    ):
         jacfd(lambda x: output, has_aux=True)(X)
 
 
@@ -125,7 +127,9 @@ def test_delta_structure_must_match_the_arguments() -> None:
 
 
 def test_delta_shape_must_broadcast() -> None:
-    with pytest.raises(ValueError, match=r"shape \(2,\) does not broadcast to its argument of shape \(3,\)"):
+    with pytest.raises(
+        ValueError, match=r"shape \(2,\) does not broadcast to its argument of shape \(3,\)"
+    ):
         jacfd(torch.sin, delta=torch.full((2,), 1e-6, dtype=torch.float64))(X)
 
 
@@ -156,7 +160,9 @@ def test_random_func_under_vmap_suggests_same_randomness() -> None:
 
 
 def test_random_func_in_loop_suggests_same_randomness() -> None:
-    with pytest.raises(RuntimeError, match="used the random number generator while randomness='error'"):
+    with pytest.raises(
+        RuntimeError, match="used the random number generator while randomness='error'"
+    ):
         jacfd(lambda x: x + torch.rand(()), chunk_size=1)(X)
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_jacobian_close
 from torch.func import jacrev
 
-from conftest import assert_jacobian_close
 from jacfd import jacfd
 
 torch.manual_seed(0)
@@ -51,9 +51,13 @@ def test_unusual_layouts(make: object) -> None:
 
 def test_empty_input_gives_empty_jacobian() -> None:
     x = torch.zeros(0, 3, dtype=torch.float64)
-    jacobian = jacfd(lambda x, y: y.sin() + x.sum(), argnums=(0, 1))(x, torch.ones(2, dtype=torch.float64))
+    jacobian = jacfd(lambda x, y: y.sin() + x.sum(), argnums=(0, 1))(
+        x, torch.ones(2, dtype=torch.float64)
+    )
     assert jacobian[0].shape == (2, 0, 3)
-    assert_jacobian_close(jacobian[1], torch.diag(torch.ones(2, dtype=torch.float64).cos()), torch.float64)
+    assert_jacobian_close(
+        jacobian[1], torch.diag(torch.ones(2, dtype=torch.float64).cos()), torch.float64
+    )
     assert jacfd(torch.sin)(torch.zeros(0)).shape == (0, 0)
 
 
@@ -113,7 +117,10 @@ def test_per_element_delta_tensor() -> None:
 
 
 def test_pytree_delta_matches_the_arguments() -> None:
-    x = {"a": torch.tensor([1.0], dtype=torch.float64), "b": torch.tensor([2.0], dtype=torch.float64)}
+    x = {
+        "a": torch.tensor([1.0], dtype=torch.float64),
+        "b": torch.tensor([2.0], dtype=torch.float64),
+    }
     steps = {"a": 2.0**-6, "b": torch.tensor([2.0**-8], dtype=torch.float64)}
     f = jacfd(lambda p: p["a"] ** 2 + p["b"] ** 2, delta=steps, scheme="forward")
     jacobian = f(x)
@@ -129,11 +136,13 @@ def test_pytree_delta_matches_the_arguments() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("scheme", ["forward", "backward", "central"])
-def test_automatic_step_is_relative_and_exactly_representable(dtype: torch.dtype, scheme: str) -> None:
+def test_automatic_step_is_relative_and_exactly_representable(
+    dtype: torch.dtype, scheme: str
+) -> None:
     """The automatic step is eps**(1/(p+1)) * max(1, |x|) (to within the rounding
     that makes it exact), read off a quadratic's forward/backward difference."""
-    from jacfd._src._steps import exact_steps
     from jacfd._src._stencil import get_stencil
+    from jacfd._src._steps import exact_steps
 
     stencil = get_stencil(scheme)
     x = torch.tensor([0.0, 0.3, -1.0, 7.0, -250.0], dtype=dtype)

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import assert_jacobian_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -23,8 +24,6 @@ from torch.func import functional_call, jacfwd, jacrev
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from jacfd import jacfd
-
-from conftest import assert_jacobian_close
 
 # jacfwd (and hessian) call the deprecated torch.jit.script internally.
 pytestmark = pytest.mark.filterwarnings(
@@ -445,6 +444,7 @@ def test_chunk_size_with_pytrees(chunk_size: int) -> None:
     atol = rounding_bound((x.abs() @ y.abs()).max().item(), automatic_step(y, "central"))
     whole = jacfd(tree_out, (0, 1))(*XY)
     assert_same_result(jacfd(tree_out, (0, 1), chunk_size=chunk_size)(*XY), whole, atol)
+
     # Without the contraction the arithmetic is the same in every batching.
     def elementwise(x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
         return {"a": torch.sin(x) * y.sum(), "b": [x.sum() * torch.cos(y)]}

@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import torch
 from conftest import assert_jacobian_close, fd_tolerance
+from test_reference import uniform
 from torch.func import hessian, jvp, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
 from jacfd import hessdiagfd, hessfd, jvpfd, laplacianfd
-from test_reference import uniform
 
 # hessian (through jacfwd) calls the deprecated torch.jit.script internally.
 pytestmark = pytest.mark.filterwarnings(
@@ -82,8 +82,14 @@ def test_hessfd_float32() -> None:
 @pytest.mark.parametrize(
     ("argnums", "positive"),
     [
-        (0, 0), (1, 1), (-1, 1), (-2, 0),
-        ((0, 1), (0, 1)), ((1, 0), (1, 0)), ((1,), (1,)), ((-1, 0), (1, 0)),
+        (0, 0),
+        (1, 1),
+        (-1, 1),
+        (-2, 0),
+        ((0, 1), (0, 1)),
+        ((1, 0), (1, 0)),
+        ((1,), (1,)),
+        ((-1, 0), (1, 0)),
     ],
     ids=str,
 )
@@ -196,7 +202,11 @@ def exact_diagonal(func: Callable[..., Any], x: torch.Tensor) -> torch.Tensor:
 
 
 def assert_trace_close(
-    actual: torch.Tensor, diagonal: torch.Tensor, dtype: torch.dtype, scheme: str, order: int | None
+    actual: torch.Tensor,
+    diagonal: torch.Tensor,
+    dtype: torch.dtype,
+    scheme: str,
+    order: int | None,
 ) -> None:
     """A sum of n diagonal entries, each within tol * max(1, max|diagonal|), is
     within n times that: the bound for a Laplacian from its n second differences."""
@@ -286,7 +296,9 @@ def tree_point(dtype: torch.dtype, seed: int) -> tuple[Any, ...]:
     )
 
 
-def exact_jvp(func: Callable[..., Any], primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> Any:
+def exact_jvp(
+    func: Callable[..., Any], primals: tuple[Any, ...], tangents: tuple[Any, ...]
+) -> Any:
     """torch.func.jvp at the float64 point, cast to the primals' dtype."""
     dtype = tree_flatten(primals)[0][0].dtype
     up = lambda tree: tree_map(lambda t: t.double(), tree)  # noqa: E731
@@ -295,7 +307,7 @@ def exact_jvp(func: Callable[..., Any], primals: tuple[Any, ...], tangents: tupl
 
 
 @pytest.mark.parametrize("dtype", [F32, F64], ids=str)
-@pytest.mark.parametrize("scheme", SCHEMES + ["complex"])
+@pytest.mark.parametrize("scheme", [*SCHEMES, "complex"])
 def test_jvpfd_matches_jvp(scheme: str, dtype: torch.dtype) -> None:
     primals, tangents = tree_point(dtype, 20), tree_point(dtype, 30)
     out, tangent_out = jvpfd(tree_func, primals, tangents, scheme=scheme)
@@ -306,7 +318,7 @@ def test_jvpfd_matches_jvp(scheme: str, dtype: torch.dtype) -> None:
     assert_jacobian_close(tangent_out, exact_jvp(tree_func, primals, tangents), dtype, scheme)
 
 
-@pytest.mark.parametrize("scheme", SCHEMES + ["complex"])
+@pytest.mark.parametrize("scheme", [*SCHEMES, "complex"])
 @pytest.mark.parametrize("scale", [1e-6, 1e6], ids=str)
 def test_jvpfd_step_follows_the_tangent_scale(scale: float, scheme: str) -> None:
     """J (s v) / s is as accurate as J v for tangents far smaller or larger than x:
@@ -348,7 +360,7 @@ def test_jvpfd_under_vmap() -> None:
     assert_jacobian_close(tangent_out, expected, F64)
 
 
-@pytest.mark.parametrize("scheme", SCHEMES + ["complex"])
+@pytest.mark.parametrize("scheme", [*SCHEMES, "complex"])
 def test_jvpfd_zero_tangent(scheme: str) -> None:
     primals = tree_point(F64, 80)
     zeros = tree_map(torch.zeros_like, primals)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_jacobian_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.func import jacrev, vmap
 
-from conftest import assert_jacobian_close
 from jacfd import (
     banded_pattern,
     block_diagonal_pattern,
@@ -25,7 +25,7 @@ from jacfd import (
 F64 = torch.float64
 
 
-def patterned(weights: torch.Tensor):  # noqa: ANN201
+def patterned(weights: torch.Tensor):
     """A smooth function whose Jacobian has exactly the non-zeros of ``weights``:
     ``f_i(x) = sum_j w_ij sin(x_j + i)``; a zero weight contributes an exact 0."""
 
@@ -36,11 +36,11 @@ def patterned(weights: torch.Tensor):  # noqa: ANN201
     return f
 
 
-def counted(func):  # noqa: ANN001, ANN201
+def counted(func):
     """``func`` with a count of the stencil points it is evaluated at (chunk_size=1)."""
     calls = []
 
-    def wrapper(*args):  # noqa: ANN002, ANN202
+    def wrapper(*args):
         calls.append(1)
         return func(*args)
 
@@ -54,7 +54,9 @@ def counted(func):  # noqa: ANN001, ANN201
     density=st.floats(0.0, 0.6),
     seed=st.integers(0, 2**16),
 )
-def test_compressed_equals_dense_on_random_patterns(m: int, n: int, density: float, seed: int) -> None:
+def test_compressed_equals_dense_on_random_patterns(
+    m: int, n: int, density: float, seed: int
+) -> None:
     generator = torch.Generator().manual_seed(seed)
     mask = torch.rand(m, n, generator=generator) < density
     weights = torch.randn(m, n, generator=generator, dtype=F64) * mask
@@ -137,9 +139,11 @@ def test_check_sparsity_reports_missed_entries() -> None:
 
 def small_mlp() -> torch.nn.Module:
     torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
-    ).double().requires_grad_(False)
+    return (
+        torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        .double()
+        .requires_grad_(False)
+    )
 
 
 @pytest.mark.parametrize("strategy", ["vmap", "batched", "loop"])
@@ -159,7 +163,10 @@ def test_per_sample_conv_net_images() -> None:
     """The forum's layout: (B, C, H, W) -> (B, n_classes, C, H, W)."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 2, 3), torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(2 * 4 * 4, 5)
+        torch.nn.Conv2d(1, 2, 3),
+        torch.nn.Tanh(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(2 * 4 * 4, 5),
     ).double()
     images = torch.randn(6, 1, 6, 6, dtype=F64)
     actual = jacfd(net, batch_dim=0)(images)
@@ -183,9 +190,11 @@ def test_per_sample_batch_along_another_dim_and_two_inputs() -> None:
 
 def test_per_sample_with_batchnorm_in_eval_mode() -> None:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Tanh()
-    ).double().eval()
+    model = (
+        torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Tanh())
+        .double()
+        .eval()
+    )
     batch = torch.randn(8, 4, dtype=F64)
     actual = jacfd(model, batch_dim=0, strategy="batched")(batch)
     assert_jacobian_close(actual, vmap(jacrev(lambda v: model(v[None])[0]))(batch), F64)
@@ -195,9 +204,13 @@ def test_per_sample_with_batchnorm_in_eval_mode() -> None:
 
 
 def test_pattern_shape_must_match() -> None:
-    with pytest.raises(ValueError, match=r"pattern has shape \(3, 3\), but the Jacobian has 4 input"):
+    with pytest.raises(
+        ValueError, match=r"pattern has shape \(3, 3\), but the Jacobian has 4 input"
+    ):
         jacfd(torch.sin, sparsity=diagonal_pattern(3))(torch.rand(4, dtype=F64))
-    with pytest.raises(ValueError, match=r"pattern has shape \(3, 3\), but the Jacobian has 2 output"):
+    with pytest.raises(
+        ValueError, match=r"pattern has shape \(3, 3\), but the Jacobian has 2 output"
+    ):
         jacfd(lambda v: v[:2], sparsity=diagonal_pattern(3))(torch.rand(3, dtype=F64))
 
 

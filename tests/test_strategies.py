@@ -11,9 +11,9 @@ import pytest
 import scipy.integrate
 import scipy.special
 import torch
+from conftest import assert_jacobian_close
 from torch.func import jacrev
 
-from conftest import assert_jacobian_close
 from jacfd import Batched, hessfd, jacfd, jvpfd
 
 F64 = torch.float64
@@ -221,7 +221,9 @@ def test_strategies_agree_for_every_transform() -> None:
 
 
 def test_wrong_output_batch_is_reported() -> None:
-    with pytest.raises(ValueError, match=r"returned a tensor of shape \(4,\), which has no axis of size 8"):
+    with pytest.raises(
+        ValueError, match=r"returned a tensor of shape \(4,\), which has no axis of size 8"
+    ):
         jacfd(lambda v: v.sum(0), strategy="batched")(point())
 
 

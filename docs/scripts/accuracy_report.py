@@ -36,7 +36,10 @@ Func = Callable[[torch.Tensor], torch.Tensor]
 Scheme = Literal["forward", "backward", "central", "complex"]
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 ORDERS: dict[Scheme, tuple[int, ...]] = {  # the complex step takes no order: it is 2nd
-    "forward": (1, 2, 3, 4), "backward": (1, 2, 3, 4), "central": (2, 4, 6, 8), "complex": (2,)
+    "forward": (1, 2, 3, 4),
+    "backward": (1, 2, 3, 4),
+    "central": (2, 4, 6, 8),
+    "complex": (2,),
 }
 SCHEMES = [(scheme, order) for scheme, orders in ORDERS.items() for order in orders]
 QUICK_SCHEMES: list[tuple[Scheme, int]] = [("forward", 1), ("central", 2), ("complex", 2)]
@@ -59,14 +62,17 @@ def make_zoo(seed: int = 0) -> tuple[dict[str, Func], dict[str, Func], torch.Ten
     a = float32_exact(torch.randn(4, 5, generator=gen, dtype=torch.float64) / math.sqrt(5))
     torch.manual_seed(seed)
     nn = torch.nn
-    mlp = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
-                        nn.Linear(16, 3)).to(torch.float64)
+    mlp = nn.Sequential(
+        nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)
+    ).to(torch.float64)
     for p in mlp.parameters():
         p.requires_grad_(False).copy_(float32_exact(p))
     with warnings.catch_warnings():  # "complex modules are a new feature"
         warnings.simplefilter("ignore", UserWarning)
-        models = {dtype: copy.deepcopy(mlp).to(dtype) for dtype in
-                  (torch.float64, torch.float32, torch.complex128, torch.complex64)}
+        models = {
+            dtype: copy.deepcopy(mlp).to(dtype)
+            for dtype in (torch.float64, torch.float32, torch.complex128, torch.complex64)
+        }
     analytic: dict[str, Func] = {
         "sin": torch.sin,
         "exp": torch.exp,
@@ -140,8 +146,9 @@ def run_sweep(scheme: Scheme, order: int, dtype: str, steps: np.ndarray) -> Swee
         ref = torch.func.jacrev(func)(x64)
         order_arg = None if scheme == "complex" else order
         for j, delta in enumerate(steps):
-            errors[i, j] = relative_error(jacfd(func, delta=float(delta), scheme=scheme,
-                                                order=order_arg)(x), ref)
+            errors[i, j] = relative_error(
+                jacfd(func, delta=float(delta), scheme=scheme, order=order_arg)(x), ref
+            )
         default[i] = relative_error(jacfd(func, scheme=scheme, order=order_arg)(x), ref)
     return Sweep(scheme, order, dtype, steps, errors, default, list(zoo))
 
@@ -161,8 +168,10 @@ def table(sweeps: list[Sweep]) -> str:
     for s in sweeps:
         (best, at), default = s.best, s.default_error
         order = "-" if s.scheme == "complex" else str(s.order)
-        lines.append(f"| {s.scheme} | {order} | {s.dtype} | {default:.1e} | {best:.1e} "
-                     f"| {at:.1e} | {default / best:.2g} | {s.theory:.1e} |")
+        lines.append(
+            f"| {s.scheme} | {order} | {s.dtype} | {default:.1e} | {best:.1e} "
+            f"| {at:.1e} | {default / best:.2g} | {s.theory:.1e} |"
+        )
     return "\n".join(lines)
 
 
@@ -250,14 +259,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="output directory")
     args = parser.parse_args()
     out: Path = args.out or (
-        Path(tempfile.mkdtemp(prefix="jacfd_accuracy_")) if args.quick
+        Path(tempfile.mkdtemp(prefix="jacfd_accuracy_"))
+        if args.quick
         else Path(__file__).resolve().parents[1]
     )
     schemes = QUICK_SCHEMES if args.quick else SCHEMES
     dtypes = ["float64"] if args.quick else list(DTYPES)
     start = time.perf_counter()
-    sweeps = [run_sweep(scheme, order, dtype, step_grid(scheme, dtype, args.quick))
-              for dtype in dtypes for scheme, order in schemes]
+    sweeps = [
+        run_sweep(scheme, order, dtype, step_grid(scheme, dtype, args.quick))
+        for dtype in dtypes
+        for scheme, order in schemes
+    ]
     seconds = time.perf_counter() - start
     out.mkdir(parents=True, exist_ok=True)
     print(write_report(sweeps, out))

@@ -15,10 +15,12 @@ DSATUR (Brelaz's saturation ordering) and smallest-last.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -161,10 +163,8 @@ def _as_tensor(pattern: Any) -> torch.Tensor:
         data = torch.as_tensor(coo.data)
         pattern = torch.sparse_coo_tensor(indices, data, coo.shape, check_invariants=False)
     elif not isinstance(pattern, torch.Tensor) and hasattr(pattern, "__array__"):
-        try:
+        with contextlib.suppress(TypeError):  # e.g. an object array: reported below
             pattern = torch.as_tensor(pattern)  # numpy
-        except TypeError:
-            pass  # e.g. an object array: reported below
     if not isinstance(pattern, torch.Tensor):
         raise TypeError(
             f"{_WHERE}: expected a 2-D bool torch.Tensor (dense or sparse), a numpy array "
@@ -201,7 +201,9 @@ def _intersection_graph(
         warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
         a = torch.sparse_csr_tensor(_ptr(rows, m), cols, ones, (m, n), check_invariants=False)
         order = torch.argsort(cols, stable=True)
-        at = torch.sparse_csr_tensor(_ptr(cols, n), rows[order], ones, (n, m), check_invariants=False)
+        at = torch.sparse_csr_tensor(
+            _ptr(cols, n), rows[order], ones, (n, m), check_invariants=False
+        )
         product = at @ a
     ptr, nbr = product.crow_indices(), product.col_indices()
     src = torch.repeat_interleave(torch.arange(n), ptr.diff())

@@ -21,8 +21,9 @@ from ._evaluate import (
     RANDOMNESS,
     Batched,
     Merged,
-    RandomState,
     Randomness,
+    RandomState,
+    Strategy,
     evaluate,
     resolve_strategy,
     rows_of,
@@ -39,8 +40,8 @@ from ._inputs import (
 )
 from ._layout import Contraction, contract
 from ._perturb import count_calls, perturb, perturb_colors, plan_chunks
-from ._steps import NOISE_EXPONENT, Delta, check_delta, exact_steps, match_delta
 from ._stencil import Stencil, resolve_stencil
+from ._steps import NOISE_EXPONENT, Delta, StepSpec, check_delta, exact_steps, match_delta
 
 _T = TypeVar("_T")
 
@@ -71,17 +72,18 @@ class Options:
 
 def check_options(
     name: str,
-    func: object,
-    argnums: object,
+    func: Callable[..., Any],
+    argnums: Argnums,
     delta: Delta,
     scheme: str,
     order: int | None,
-    has_aux: object,
-    chunk_size: object,
-    randomness: object,
-    strategy: object = "vmap",
+    has_aux: bool,
+    chunk_size: int | None,
+    randomness: Randomness,
+    strategy: Strategy = "vmap",
     derivative: int = 1,
 ) -> Options:
+    """Validates the options at run time too: callers need not be type-checked."""
     check_callable(name, func)
     check_argnums(name, argnums)
     stencil = resolve_stencil(name, scheme, order, derivative)
@@ -108,12 +110,12 @@ def check_options(
     resolved = resolve_strategy(name, strategy, str(randomness))
     return Options(
         name,
-        argnums,  # type: ignore[arg-type]  # checked above
+        argnums,
         delta,
         stencil,
         has_aux,
         chunk_size,
-        randomness,  # type: ignore[arg-type]
+        randomness,
         resolved,
         getattr(func, NOISE_EXPONENT, 1.0),
     )
@@ -125,7 +127,7 @@ class Call:
 
     primals: list[torch.Tensor]
     spec: TreeSpec
-    step_specs: list[Any]
+    step_specs: list[StepSpec]
     at_point: Callable[..., tuple[Any, ...]]
     """The leaves -> ``(out,)`` or ``(out, aux)``, checked; the keyword
     ``others`` maps the tensors of the non-differentiated arguments."""

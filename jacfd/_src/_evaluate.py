@@ -15,12 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, Literal, TypeAlias
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
-
-from typing_extensions import TypeAlias
 
 Randomness: TypeAlias = Literal["error", "same", "different"]
 RANDOMNESS: tuple[str, ...] = ("error", "same", "different")
@@ -94,7 +92,9 @@ class Batched:
 
     def check(self, name: str, leaf: torch.Tensor) -> None:
         """A differentiated tensor must have room for the batch axis."""
-        if self.existing and not (-leaf.dim() <= self.dim < leaf.dim() and leaf.shape[self.dim] == 1):
+        if self.existing and not (
+            -leaf.dim() <= self.dim < leaf.dim() and leaf.shape[self.dim] == 1
+        ):
             raise ValueError(
                 f"{name}(func, strategy=Batched(dim={self.dim}, existing=True)): a "
                 f"differentiated tensor of shape {tuple(leaf.shape)} has no axis of size 1 "
@@ -132,14 +132,16 @@ class Merged:
                 f"batched along dim {self.dim} like the inputs."
             )
         d = self.dim % y.dim()
-        return y.unflatten(d, (rows, -1)).movedim(d, 0)
+        return torch.unflatten(y, d, (rows, -1)).movedim(d, 0)
 
 
-Strategy: TypeAlias = Union[Literal["vmap", "batched", "loop"], Batched]
+Strategy: TypeAlias = Literal["vmap", "batched", "loop"] | Batched
 STRATEGIES: tuple[str, ...] = ("vmap", "batched", "loop")
 
 
-def resolve_strategy(name: str, strategy: object, randomness: str) -> Literal["vmap", "loop"] | Batched:
+def resolve_strategy(
+    name: str, strategy: object, randomness: str
+) -> Literal["vmap", "loop"] | Batched:
     if strategy == "batched":
         strategy = Batched()
     if not (isinstance(strategy, Batched) or strategy in ("vmap", "loop")):
@@ -159,7 +161,7 @@ def resolve_strategy(name: str, strategy: object, randomness: str) -> Literal["v
                 "different random numbers for each point. Use strategy='vmap' or 'loop' "
                 "for common random numbers, or make func deterministic (e.g. eval mode)."
             )
-    return strategy  # type: ignore[return-value]
+    return strategy
 
 
 class RandomState:
@@ -191,9 +193,7 @@ Builder: TypeAlias = Callable[[int, int], "tuple[Sequence[torch.Tensor], Sequenc
 dim 0 (in_dims 0) or shared by all rows (in_dims None)."""
 
 
-def rows_of(
-    leaves: Sequence[torch.Tensor], in_dims: Sequence[int | None]
-) -> Builder:
+def rows_of(leaves: Sequence[torch.Tensor], in_dims: Sequence[int | None]) -> Builder:
     """A builder slicing prebuilt batched leaves."""
 
     def build(start: int, stop: int) -> tuple[list[torch.Tensor], Sequence[int | None]]:
@@ -226,7 +226,9 @@ def evaluate(
         stop = min(start + step, rows)
         leaves, in_dims = build(start, stop)
         if isinstance(strategy, (Batched, Merged)):
-            pieces.append(_batched(fn, strategy, leaves, in_dims, stop - start, randomness, rng, name))
+            pieces.append(
+                _batched(fn, strategy, leaves, in_dims, stop - start, randomness, rng, name)
+            )
         elif strategy == "loop" or chunk_size == 1 or all(d is None for d in in_dims):
             pieces.append(_loop(fn, leaves, in_dims, stop - start, randomness, rng))
         else:
@@ -278,8 +280,7 @@ def _batched(
 def _check_randomness(randomness: Randomness, rng: RandomState | None) -> None:
     if rng is not None and randomness == "error" and not rng.unchanged():
         raise RuntimeError(
-            "jacfd: func used the random number generator while randomness='error'. "
-            + RANDOM_HINT
+            "jacfd: func used the random number generator while randomness='error'. " + RANDOM_HINT
         )
 
 

@@ -8,12 +8,10 @@ or ``ValueError`` with a message that says how to fix the call.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
-
-from typing_extensions import TypeAlias
 
 Argnums: TypeAlias = "int | tuple[int, ...]"
 
@@ -71,8 +69,7 @@ def normalize_argnums(name: str, argnums: Argnums, num_args: int) -> tuple[int, 
 
 
 def flatten_primals(
-    name: str,
-    args: tuple[Any, ...], argnums: tuple[int, ...]
+    name: str, args: tuple[Any, ...], argnums: tuple[int, ...]
 ) -> tuple[list[torch.Tensor], TreeSpec]:
     """Flattens the differentiated arguments into real floating-point tensors."""
     leaves, spec = tree_flatten(tuple(args[i] for i in argnums))

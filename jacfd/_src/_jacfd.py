@@ -8,14 +8,14 @@ from typing import Any
 
 import torch
 
+from ._coloring import color_columns
 from ._engine import check_options, coordinate_columns, prepare
 from ._evaluate import Batched, Merged, Randomness, Strategy
 from ._inputs import Argnums, wraps
 from ._layout import Contraction, to_torch_func_layout
-from ._coloring import color_columns
 from ._sparse import PerSample, Sparsity
-from ._steps import NOISE_EXPONENT, Delta
 from ._stencil import Scheme, richardson
+from ._steps import NOISE_EXPONENT, Delta
 
 ROUNDING_SAFETY = 4.0
 """Rounding error of one evaluation of f, in units of eps * |f|: a few ulps for
@@ -292,7 +292,9 @@ def jacfd_with_error(
             error_blocks.append(spread_block.abs() + ROUNDING_SAFETY * scale * magnitude)
         single = isinstance(argnums, int)
         jac = to_torch_func_layout(jac_blocks, columns.out_spec, call.primals, call.spec, single)
-        error = to_torch_func_layout(error_blocks, columns.out_spec, call.primals, call.spec, single)
+        error = to_torch_func_layout(
+            error_blocks, columns.out_spec, call.primals, call.spec, single
+        )
         return (jac, error, columns.aux) if has_aux else (jac, error)
 
     return jacobian_with_error

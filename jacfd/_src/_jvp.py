@@ -58,7 +58,8 @@ def jvpfd(
     Examples:
         >>> import torch
         >>> from jacfd import jvpfd
-        >>> x, v = torch.tensor([1.0, 2.0], dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+        >>> x = torch.tensor([1.0, 2.0], dtype=torch.float64)
+        >>> v = torch.ones(2, dtype=torch.float64)
         >>> out, tangent_out = jvpfd(torch.sin, (x,), (v,))
         >>> torch.allclose(tangent_out, torch.cos(x))
         True

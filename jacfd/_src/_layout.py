@@ -67,7 +67,7 @@ def contract(
     weighs it. With ``steps`` None (coloured directions, whose columns have
     different steps) nothing is divided. Returns shape ``(count, *out)``.
     """
-    by_offset = values.unflatten(0, (len(contraction.weights), count))
+    by_offset = torch.unflatten(values, 0, (len(contraction.weights), count))
     terms = [(by_offset[k], w) for k, w in enumerate(contraction.weights) if w]
     if contraction.center_weight:
         if center is None:
@@ -104,7 +104,7 @@ def contract(
 
 def _unflatten(tensor: torch.Tensor, dim: int, shape: torch.Size) -> torch.Tensor:
     """Splits ``dim`` into ``shape``; a 0-dim ``shape`` removes it."""
-    return tensor.unflatten(dim, shape) if len(shape) else tensor.squeeze(dim)
+    return torch.unflatten(tensor, dim, shape) if len(shape) else tensor.squeeze(dim)
 
 
 def to_torch_func_layout(

@@ -73,7 +73,10 @@ class SparsityReport:
 
 
 def check_sparsity(
-    func: Callable[..., Any], sparsity: Any, *args: Any, argnums: int | tuple[int, ...] = 0
+    func: Callable[..., Any],
+    sparsity: torch.Tensor,
+    *args: Any,
+    argnums: int | tuple[int, ...] = 0,
 ) -> SparsityReport:
     """Compares a pattern with a dense central-difference Jacobian at ``args``.
 

@@ -17,7 +17,6 @@ the batch itself, is ever built.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -81,7 +80,7 @@ def perturb(
     offsets: tuple[int, ...],
     chunk: Chunk,
     imaginary: bool = False,
-) -> tuple[list[torch.Tensor], list[Optional[int]]]:
+) -> tuple[list[torch.Tensor], list[int | None]]:
     """The leaves at every row of ``chunk``, with their vmap ``in_dims``.
 
     A leaf with no coordinate in the chunk is identical in every row, so it is
@@ -90,7 +89,7 @@ def perturb(
     """
     rows = chunk.rows(len(offsets))
     leaves: list[torch.Tensor] = []
-    in_dims: list[Optional[int]] = []
+    in_dims: list[int | None] = []
     first = 0
     for leaf, h in zip(primals, steps):
         numel = leaf.numel()
@@ -127,7 +126,7 @@ def perturb_colors(
     chunk: Chunk,
     colors: torch.Tensor,
     imaginary: bool = False,
-) -> tuple[list[torch.Tensor], list[Optional[int]]]:
+) -> tuple[list[torch.Tensor], list[int | None]]:
     """The leaves at every row of a chunk of *colours*: row ``(o, c)`` is
     ``x + o * sum_{j of colour c} h_j e_j``.
 

@@ -29,8 +29,8 @@ from ._engine import (
 from ._evaluate import Randomness, Strategy, evaluate
 from ._inputs import Argnums, wraps
 from ._layout import Contraction, to_hessian_layout, to_torch_func_layout
-from ._steps import NOISE_EXPONENT, Delta
 from ._stencil import Scheme
+from ._steps import NOISE_EXPONENT, Delta
 
 
 def hessdiagfd(
@@ -78,7 +78,17 @@ def hessdiagfd(
         True
     """
     options = check_options(
-        "hessdiagfd", func, argnums, delta, scheme, order, has_aux, chunk_size, randomness, strategy, 2
+        "hessdiagfd",
+        func,
+        argnums,
+        delta,
+        scheme,
+        order,
+        has_aux,
+        chunk_size,
+        randomness,
+        strategy,
+        2,
     )
     single = isinstance(argnums, int)
     return _diagonal_transform(
@@ -123,7 +133,17 @@ def laplacianfd(
         True
     """
     options = check_options(
-        "laplacianfd", func, argnums, delta, scheme, order, has_aux, chunk_size, randomness, strategy, 2
+        "laplacianfd",
+        func,
+        argnums,
+        delta,
+        scheme,
+        order,
+        has_aux,
+        chunk_size,
+        randomness,
+        strategy,
+        2,
     )
     return _diagonal_transform(
         func,
@@ -290,7 +310,11 @@ class _MixedPoints:
         leaves, first = [], 0
         for p in primals:
             part = batch[:, first : first + p.numel()]
-            leaves.append(part.unflatten(1, p.shape).to(p.dtype) if p.dim() else part[:, 0].to(p.dtype))
+            leaves.append(
+                torch.unflatten(part, 1, p.shape).to(p.dtype)
+                if p.dim()
+                else part[:, 0].to(p.dtype)
+            )
             first += p.numel()
         return leaves, [0] * len(leaves)
 
@@ -304,7 +328,7 @@ class _MixedPoints:
         if self.central:
             plus, minus = f[1 : 1 + n], f[1 + n : 1 + 2 * n]
             diagonal = ((plus - center) + (minus - center)) / (h * h)
-            quad = f[1 + 2 * n :].unflatten(0, (-1, 4))
+            quad = torch.unflatten(f[1 + 2 * n :], 0, (-1, 4))
             mixed = ((quad[:, 0] - quad[:, 1]) - (quad[:, 2] - quad[:, 3])) / (4 * h[i] * h[j])
             positions = torch.cat([index * (n + 1), i * n + j, j * n + i])
             entries = torch.cat([diagonal, mixed, mixed])

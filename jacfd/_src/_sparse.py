@@ -144,7 +144,9 @@ class PerSample:
                 block = block.movedim(0, -1)  # (B, *out_sample, features)
                 sample_shape = leaf.shape[:d] + leaf.shape[d + 1 :]
                 jacobians.append(
-                    block.unflatten(-1, sample_shape) if len(sample_shape) else block.squeeze(-1)
+                    torch.unflatten(block, -1, sample_shape)
+                    if len(sample_shape)
+                    else block.squeeze(-1)
                 )
                 offset += features
                 first += leaf.numel()

@@ -11,9 +11,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Literal
-
-from typing_extensions import TypeAlias
+from typing import Literal, TypeAlias
 
 Scheme: TypeAlias = Literal["forward", "backward", "central", "complex"]
 SCHEMES: tuple[str, ...] = ("forward", "backward", "central", "complex")
@@ -70,7 +68,8 @@ class Stencil:
         c2 = abs(sum(w * o ** (p + q) for o, w in zip(self.offsets, self.weights)))
         if c2 == 0:  # a combination with no error term of that order (never for our stencils)
             return 1.0
-        return float(q * c1 / (p * c2)) ** (1.0 / (p + q))
+        step: float = float(q * c1 / (p * c2)) ** (1.0 / (p + q))
+        return step
 
     @property
     def step_exponent(self) -> float:
@@ -102,8 +101,11 @@ class Stencil:
     def absolute(self) -> Stencil:
         """``|weights|``: contracted with ``|f|`` it bounds the rounding error."""
         return Stencil(
-            self.offsets, tuple(abs(w) for w in self.weights), self.derivative,
-            self.accuracy, self.imaginary,
+            self.offsets,
+            tuple(abs(w) for w in self.weights),
+            self.derivative,
+            self.accuracy,
+            self.imaginary,
         )
 
     def weight(self, offset: int) -> float:
@@ -123,7 +125,10 @@ def combine(terms: list[tuple[Fraction, Stencil]], accuracy: int) -> Stencil:
     first = terms[0][1]
     offsets = tuple(sorted({o for _, stencil in terms for o in stencil.offsets}))
     weights = tuple(
-        sum((c * w for c, st in terms for o2, w in zip(st.offsets, st.weights) if o2 == o), Fraction(0))
+        sum(
+            (c * w for c, st in terms for o2, w in zip(st.offsets, st.weights) if o2 == o),
+            Fraction(0),
+        )
         for o in offsets
     )
     return Stencil(offsets, weights, first.derivative, accuracy, first.imaginary)
@@ -172,7 +177,9 @@ def fornberg_weights(offsets: tuple[int, ...], derivative: int) -> tuple[Fractio
 def resolve_stencil(name: str, scheme: str, order: int | None, derivative: int = 1) -> Stencil:
     """The validated stencil for a transform's ``scheme`` and ``order`` options."""
     if scheme not in SCHEMES:
-        raise ValueError(f"{name}(func, scheme={scheme!r}): unknown scheme; choose one of {SCHEMES}.")
+        raise ValueError(
+            f"{name}(func, scheme={scheme!r}): unknown scheme; choose one of {SCHEMES}."
+        )
     if scheme == "complex" and derivative != 1:
         raise ValueError(
             f"{name}(func, scheme='complex'): the complex step gives first derivatives only; "

@@ -10,16 +10,18 @@ not the distance actually travelled.
 from __future__ import annotations
 
 import math
-from typing import Any, Union
+from typing import Any, TypeAlias
 
 import torch
 from torch.utils._pytree import TreeSpec, tree_flatten
 
-from typing_extensions import TypeAlias
-
 from ._stencil import Stencil
 
-Delta: TypeAlias = Union[None, float, torch.Tensor, Any]
+Delta: TypeAlias = "float | torch.Tensor | Any | None"
+"""A step: None (automatic), a float, a tensor, or a pytree of tensors and floats
+matching the differentiated arguments (hence the ``Any``)."""
+StepSpec: TypeAlias = "float | torch.Tensor | None"
+"""One differentiated leaf's step, after :func:`match_delta`."""
 
 NOISE_EXPONENT = "_jacfd_noise_exponent"
 """Attribute of a function made by jacfd: its values are accurate to about
@@ -65,7 +67,9 @@ def check_delta(name: str, delta: Delta) -> Delta:
     return delta
 
 
-def match_delta(name: str, delta: Delta, leaves: list[torch.Tensor], spec: TreeSpec) -> list[Any]:
+def match_delta(
+    name: str, delta: Delta, leaves: list[torch.Tensor], spec: TreeSpec
+) -> list[StepSpec]:
     """One step specification (None, float or tensor) per differentiated leaf."""
     if delta is None or isinstance(delta, (int, float)):
         return [delta] * len(leaves)
@@ -76,7 +80,7 @@ def match_delta(name: str, delta: Delta, leaves: list[torch.Tensor], spec: TreeS
                 f"{len(leaves)} differentiated tensors; pass a pytree of steps with the "
                 "same structure as the differentiated arguments, or a float."
             )
-        steps = [delta]
+        steps: list[StepSpec] = [delta]
     else:
         steps, delta_spec = tree_flatten(delta)
         # The primals are always flattened as a tuple of arguments; accept a bare
@@ -99,7 +103,7 @@ def match_delta(name: str, delta: Delta, leaves: list[torch.Tensor], spec: TreeS
 
 
 def exact_steps(
-    leaf: torch.Tensor, step: Any, stencil: Stencil, precision: float
+    leaf: torch.Tensor, step: StepSpec, stencil: Stencil, precision: float
 ) -> torch.Tensor:
     """Flat, detached, exactly representable steps for one differentiated leaf.
 
@@ -111,7 +115,7 @@ def exact_steps(
     """
     x = leaf.detach().reshape(-1)
     if step is None:
-        relative = stencil.step_constant * precision**stencil.step_exponent
+        relative: float = stencil.step_constant * precision**stencil.step_exponent
         h = relative * x.abs().clamp_min(1.0)
     elif isinstance(step, torch.Tensor):
         h = step.detach().to(x).expand(leaf.shape).reshape(-1)

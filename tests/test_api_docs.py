@@ -1,0 +1,52 @@
+"""The documentation site covers the public API: every name in ``jacfd.__all__`` has
+a ``::: jacfd.<name>`` entry in docs/api.md (and no entry names anything else), and
+every page in mkdocs.yml's nav exists."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import jacfd
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+
+
+def _api_entries() -> list[str]:
+    return re.findall(r"^:::\s+jacfd\.(\S+)\s*$", (DOCS / "api.md").read_text(), re.M)
+
+
+def _nav_pages() -> list[str]:
+    # The nav's leaves are "- Title: page.md" or "- page.md" lines; parsed without
+    # PyYAML, which is not a test dependency.
+    text = (ROOT / "mkdocs.yml").read_text()
+    nav = text[text.index("\nnav:") :]
+    return re.findall(r"^\s*-\s+(?:[^\n]*?:\s+)?(\S+\.md)\s*$", nav, re.M)
+
+
+def test_every_public_name_is_documented() -> None:
+    entries = _api_entries()
+    missing = sorted(set(jacfd.__all__) - set(entries))
+    assert not missing, f"add `::: jacfd.<name>` to docs/api.md for {missing}"
+
+
+def test_api_page_documents_only_public_names() -> None:
+    entries = _api_entries()
+    unknown = sorted(set(entries) - set(jacfd.__all__))
+    assert not unknown, f"docs/api.md documents names not in jacfd.__all__: {unknown}"
+    duplicates = sorted({name for name in entries if entries.count(name) > 1})
+    assert not duplicates, f"documented twice in docs/api.md: {duplicates}"
+
+
+def test_nav_pages_exist() -> None:
+    pages = _nav_pages()
+    assert "api.md" in pages and "index.md" in pages
+    missing = [page for page in pages if not (DOCS / page).is_file()]
+    assert not missing, f"mkdocs.yml's nav names missing pages: {missing}"
+
+
+def test_every_page_is_in_the_nav() -> None:
+    pages = set(_nav_pages())
+    orphans = sorted(p.name for p in DOCS.glob("*.md") if p.name not in pages)
+    assert not orphans, f"pages not reachable from mkdocs.yml's nav: {orphans}"
