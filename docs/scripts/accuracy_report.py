@@ -210,7 +210,12 @@ def plot(sweeps: list[Sweep], dtype: str, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-INTRO = """# Accuracy
+INTRO = """---
+hide:
+  - toc
+---
+
+# Accuracy
 
 How accurate is `jacfd`, and how good is its default step? For every scheme and
 order, and for float32 and float64, the absolute step `delta` is swept over a log
