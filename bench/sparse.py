@@ -3,12 +3,31 @@ system, and the memory of a sparse Jacobian."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.func import jacfwd, jacrev, vmap
 
 from jacfd import banded_pattern, jacfd
 
 from ._timing import format_bytes, measure, table
+
+Candidates = dict[str, tuple[Callable[[], object], "int | None"]]
+"""label -> (the call to time, its number of evaluations of f, if it has one)."""
+
+
+def speedup_rows(candidates: Candidates, baseline: str, quick: bool) -> list[list[object]]:
+    """Times every candidate; the last column is the baseline's time over each."""
+    times = {label: measure(fn, quick) for label, (fn, _) in candidates.items()}
+    return [
+        [
+            label,
+            "-" if calls is None else calls,
+            times[label],
+            f"{times[baseline].median / times[label].median:.3g}",
+        ]
+        for label, (_, calls) in candidates.items()
+    ]
 
 
 def per_sample_rows(quick: bool) -> list[list[object]]:
@@ -41,17 +60,7 @@ def per_sample_rows(quick: bool) -> list[list[object]]:
         "vmap(jacrev(one))": (lambda: reverse(images), None),
         "vmap(jacfd(one))": (lambda: finite(images), 2 * 64),
     }
-    times = {label: measure(fn, quick) for label, (fn, _) in candidates.items()}
-    dense = times["dense jacfd of the whole batch (chunked)"].median
-    return [
-        [
-            label,
-            "-" if calls is None else calls,
-            times[label],
-            f"{dense / times[label].median:.1f}",
-        ]
-        for label, (_, calls) in candidates.items()
-    ]
+    return speedup_rows(candidates, "dense jacfd of the whole batch (chunked)", quick)
 
 
 def tridiagonal_rows(quick: bool) -> list[list[object]]:
@@ -74,17 +83,7 @@ def tridiagonal_rows(quick: bool) -> list[list[object]]:
         "jacrev": (lambda: jacrev(residual)(u), None),
         "jacfwd": (lambda: jacfwd(residual)(u), None),
     }
-    times = {label: measure(fn, quick) for label, (fn, _) in candidates.items()}
-    dense = times["dense jacfd (chunk_size=2000)"].median
-    return [
-        [
-            label,
-            "-" if calls is None else calls,
-            times[label],
-            f"{dense / times[label].median:.0f}",
-        ]
-        for label, (_, calls) in candidates.items()
-    ]
+    return speedup_rows(candidates, "dense jacfd (chunk_size=2000)", quick)
 
 
 def sparse_memory_rows(quick: bool) -> list[list[object]]:
