@@ -107,6 +107,13 @@ def _unflatten(tensor: torch.Tensor, dim: int, shape: torch.Size) -> torch.Tenso
     return torch.unflatten(tensor, dim, shape) if len(shape) else tensor.squeeze(dim)
 
 
+def per_argnums(leaves: list[Any], primals_spec: TreeSpec, single_argnum: bool) -> Any:
+    """One value per differentiated leaf -> the argnums level of torch.func's layout:
+    a tuple over the arguments' pytrees, or the one argument's pytree for an int."""
+    per_argnum = tree_unflatten(leaves, primals_spec)
+    return per_argnum[0] if single_argnum else per_argnum
+
+
 def to_torch_func_layout(
     columns: list[torch.Tensor],
     out_spec: TreeSpec,
@@ -122,8 +129,7 @@ def to_torch_func_layout(
     for block in columns:
         parts = torch.split(block.movedim(0, -1), numels, dim=-1)
         jacobians = [_unflatten(part, -1, p.shape) for part, p in zip(parts, primals)]
-        per_argnum = tree_unflatten(jacobians, primals_spec)
-        per_output.append(per_argnum[0] if single_argnum else per_argnum)
+        per_output.append(per_argnums(jacobians, primals_spec, single_argnum))
     return tree_unflatten(per_output, out_spec)
 
 
@@ -147,8 +153,6 @@ def to_hessian_layout(
                 _unflatten(_unflatten(part, -1, b.shape), -1 - b.dim(), a.shape)
                 for part, b in zip(torch.split(rows, numels, dim=-1), primals)
             ]
-            per_b = tree_unflatten(inner, primals_spec)
-            outer.append(per_b[0] if single_argnum else per_b)
-        per_a = tree_unflatten(outer, primals_spec)
-        per_output.append(per_a[0] if single_argnum else per_a)
+            outer.append(per_argnums(inner, primals_spec, single_argnum))
+        per_output.append(per_argnums(outer, primals_spec, single_argnum))
     return tree_unflatten(per_output, out_spec)

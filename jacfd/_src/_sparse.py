@@ -20,7 +20,7 @@ import torch
 from torch.utils._pytree import TreeSpec, tree_unflatten
 
 from ._coloring import Coloring
-from ._layout import to_torch_func_layout
+from ._layout import per_argnums, to_torch_func_layout
 
 
 @dataclass(frozen=True)
@@ -150,6 +150,5 @@ class PerSample:
                 )
                 offset += features
                 first += leaf.numel()
-            per_argnum = tree_unflatten(jacobians, primals_spec)
-            per_output.append(per_argnum[0] if single_argnum else per_argnum)
+            per_output.append(per_argnums(jacobians, primals_spec, single_argnum))
         return tree_unflatten(per_output, out_spec)
