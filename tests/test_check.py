@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 import torch
 
-from jacfd import GradCheckError, check_grad
+from jacfd import Batched, GradCheckError, check_grad, jacfd
+from jacfd._src._check import DIRECTIONS
 
 
 class Square(torch.autograd.Function):
@@ -90,8 +91,13 @@ def _x(n: int = 5, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     return torch.linspace(-1.5, 2.0, n, dtype=dtype)
 
 
-def _gradcheck(f: Any, *args: torch.Tensor) -> bool:
-    inputs = tuple(a.detach().clone().requires_grad_() for a in args)
+def _gradcheck(f: Any, *args: torch.Tensor, argnums: tuple[int, ...] | None = None) -> bool:
+    """torch.autograd.gradcheck with default settings, differentiating ``argnums``
+    (default: every argument)."""
+    inputs = tuple(
+        a.detach().clone().requires_grad_(argnums is None or i in argnums)
+        for i, a in enumerate(args)
+    )
     return bool(torch.autograd.gradcheck(f, inputs, raise_exception=False))
 
 
@@ -135,6 +141,105 @@ def test_planted_bug_swapped_indices(fn: Any, ok: bool) -> None:
         i, j = worst.output_index[0], worst.input_index[0]
         assert worst.autograd == pytest.approx(w[j, i].item())
         assert worst.finite_difference == pytest.approx(w[i, j].item(), rel=1e-8)
+
+
+class TanhMatVec(torch.autograd.Function):
+    """y = A @ tanh(x): a wide Jacobian whose rows are sums of cancelling terms."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        t = torch.tanh(x)
+        ctx.save_for_backward(t, a)
+        return a @ t
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        t, a = ctx.saved_tensors
+        return (a.T @ grad) * (1 - t * t), None
+
+
+def _one_wrong_entry(i: int, k: int, error: float) -> Any:
+    """TanhMatVec whose backward has d y[i] / d x[k] off by ``error``."""
+
+    class Wrong(TanhMatVec):
+        @staticmethod
+        def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+            t, a = ctx.saved_tensors
+            result = (a.T @ grad) * (1 - t * t)
+            result[k] += error * grad[i]
+            return result, None
+
+    return Wrong
+
+
+def _wide(n: int = 256, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(32, n, generator=generator, dtype=torch.float64) / n**0.5
+    x = torch.randn(n, generator=generator, dtype=torch.float64)
+    return x.to(dtype), a.to(dtype)
+
+
+def test_directions_decide_a_pass() -> None:
+    """A correct gradient passes on J @ u alone; exhaustive=True compares every entry."""
+    x, a = _wide()
+    report = check_grad(TanhMatVec.apply, x, a)
+    assert report.passed and report.directions == DIRECTIONS
+    (pair,) = report.pairs
+    assert pair.shape == (32, DIRECTIONS)
+    assert all(entry.input_index[0] < DIRECTIONS for entry in pair.worst)
+    assert "J @ u agrees along 2 random directions" in str(report)
+    assert "direction" in str(report).splitlines()[-6]
+    full = check_grad(TanhMatVec.apply, x, a, exhaustive=True)
+    assert full.passed and full.directions == 0 and full.pairs[0].shape == (32, 256)
+    # Forward mode and a jacfd-made function (its noise level sets the step) too.
+    with pytest.raises(NotImplementedError, match="jvp"):  # torch's own message
+        check_grad(TanhMatVec.apply, x, a, mode="forward")
+    forward = check_grad(lambda v: a @ torch.tanh(v), x, mode="forward")
+    assert forward.passed and forward.directions == DIRECTIONS
+    nested = check_grad(jacfd(torch.sin), _x())
+    assert nested.passed and nested.directions == DIRECTIONS
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_one_wrong_entry_of_a_wide_jacobian(dtype: torch.dtype) -> None:
+    """One entry of a 32 x 256 Jacobian (entries up to 0.1) off by 0.01: J @ u
+    disagrees, and the entry-wise check that follows names the entry."""
+    x, a = _wide(dtype=dtype)
+    wrong = _one_wrong_entry(3, 5, 0.01)
+    report = check_grad(wrong.apply, x, a)
+    assert not report.passed and report.directions == 0
+    (pair,) = report.pairs
+    assert pair.failures == 1
+    assert (pair.worst[0].output_index, pair.worst[0].input_index) == ((3,), (5,))
+    if dtype == torch.float64:
+        assert _gradcheck(TanhMatVec.apply, x, a, argnums=(0,))
+        assert not _gradcheck(wrong.apply, x, a, argnums=(0,))
+
+
+@pytest.mark.parametrize("error", [1e-2, 1e-4, 1e-6, 1e-12])
+def test_directions_and_entries_agree(error: float) -> None:
+    """Same verdicts with and without exhaustive=True for single wrong entries
+    of decreasing size, at several places. The float64 tolerances are ~3e-9
+    per entry, so 1e-12 passes both and the others fail both."""
+    x, a = _wide()
+    for i, k in [(0, 0), (3, 5), (17, 200), (31, 255)]:
+        wrong = _one_wrong_entry(i, k, error).apply
+        fast = check_grad(wrong, x, a).passed
+        assert fast == check_grad(wrong, x, a, exhaustive=True).passed == (error < 1e-9)
+
+
+def test_more_sensitive_than_gradcheck() -> None:
+    """An entry off by 1e-6: within gradcheck's 1e-5 + 1e-3 |J_ik|, far outside
+    check_grad's float64 tolerance (docs/checking.md quotes both)."""
+    x, a = _wide()
+    wrong = _one_wrong_entry(3, 5, 1e-6).apply
+    assert _gradcheck(wrong, x, a, argnums=(0,))
+    assert not check_grad(wrong, x, a).passed
+
+
+def test_batched_strategy_compares_every_entry() -> None:
+    report = check_grad(lambda v: torch.sin(v) * 2, _x(), strategy=Batched())
+    assert report.passed and report.directions == 0
 
 
 def test_pytree_inputs_and_outputs() -> None:
@@ -211,3 +316,7 @@ def test_bad_input() -> None:
         check_grad(Square.apply)
     with pytest.raises(ValueError, match=r"^check_grad"):
         check_grad(Square.apply, x, scheme="sideways")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^check_grad\(func, exhaustive\): expected a bool"):
+        check_grad(Square.apply, x, exhaustive=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^check_grad\(func, raise_error\): expected a bool"):
+        check_grad(Square.apply, x, raise_error="yes")  # type: ignore[arg-type]

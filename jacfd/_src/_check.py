@@ -1,21 +1,29 @@
-"""``check_grad``: hand-written gradients against finite differences, entry by entry."""
+"""``check_grad``: hand-written gradients against finite differences."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import torch
 import torch.autograd.forward_ad as fwAD
-from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_unflatten
+from torch.utils._pytree import (
+    TreeSpec,
+    keystr,
+    tree_flatten,
+    tree_flatten_with_path,
+    tree_unflatten,
+)
 
-from ._engine import check_options
-from ._evaluate import Strategy
+from ._engine import Options, check_options
+from ._evaluate import Batched, Strategy
 from ._inputs import Argnums, normalize_argnums
 from ._jacfd import jacfd_with_error
 from ._stencil import Scheme
+from ._steps import NOISE_EXPONENT
 
 Mode = Literal["reverse", "forward"]
 
@@ -36,6 +44,12 @@ that are zero in exact arithmetic from failing on autograd's round-off."""
 
 WORST = 5
 """Entries kept per pair in the report: the largest ratios of error to tolerance."""
+
+DIRECTIONS = 2
+"""Random directions per input leaf along which ``check_grad`` first compares
+``J @ u``: each costs a few evaluations of func where the entry-wise check costs
+a few per input element. One direction already sees a wrong entry anywhere; a
+second guards against two wrong entries of one row cancelling by coincidence."""
 
 
 class GradCheckError(AssertionError):
@@ -112,6 +126,11 @@ class GradCheckReport:
     mode: str
     scheme: str
     safety: float
+    directions: int = 0
+    """0 when every entry was compared. Otherwise ``J @ u`` agreed along this
+    many random directions ``u`` per input leaf, and each pair's errors and
+    entries are those of ``J @ u``: an entry's ``input_index`` is
+    ``(direction,)``. (When ``J @ u`` disagrees, every entry is compared.)"""
 
     @property
     def passed(self) -> bool:
@@ -121,14 +140,25 @@ class GradCheckReport:
     def __str__(self) -> str:
         verdict = "passed" if self.passed else "FAILED"
         failures = sum(pair.failures for pair in self.pairs)
+        settings = f"autograd mode={self.mode!r} vs jacfd scheme={self.scheme!r}"
+        settings += f", safety={self.safety:g}"
+        if self.directions:
+            summary = (
+                f"J @ u agrees along {self.directions} random directions u per input "
+                f"({settings}); exhaustive=True compares every entry"
+            )
+        else:
+            summary = f"{failures} failing entries ({settings})"
+        shape, index, of = (
+            ("J @ u shape", "direction", "({}) @ u")
+            if self.directions
+            else ("shape", "input index", "{}")
+        )
         lines = [
-            (
-                f"check_grad {verdict}: {failures} failing entries (autograd "
-                f"mode={self.mode!r} vs jacfd scheme={self.scheme!r}, safety={self.safety:g})"
-            ),
+            f"check_grad {verdict}: {summary}",
             "",
             (
-                f"{'output':<16} {'input':<20} {'shape':<14} {'max abs err':>12} "
+                f"{'output':<16} {'input':<20} {shape:<14} {'max abs err':>12} "
                 f"{'max rel err':>12} {'failing':>10}"
             ),
         ]
@@ -147,9 +177,9 @@ class GradCheckReport:
                 continue
             lines += [
                 "",
-                f"worst entries of d {pair.output} / d {pair.input}:",
+                f"worst entries of {of.format(f'd {pair.output} / d {pair.input}')}:",
                 (
-                    f"  {'output index':<16} {'input index':<16} {'autograd':>14} "
+                    f"  {'output index':<16} {index:<16} {'autograd':>14} "
                     f"{'finite diff':>14} {'|difference|':>12} {'tolerance':>10}"
                 ),
             ]
@@ -174,17 +204,30 @@ def check_grad(
     rtol: float = 0.0,
     atol: float | None = None,
     strategy: Strategy | None = None,
+    exhaustive: bool = False,
     raise_error: bool = False,
 ) -> GradCheckReport:
-    """Compares autograd's Jacobian of ``func`` with finite differences, entry by entry.
+    """Compares autograd's Jacobian of ``func`` with finite differences.
 
     For a custom ``torch.autograd.Function`` (classic ``forward(ctx, ...)`` /
     ``backward(ctx, ...)`` style or with ``setup_context``), a function with a
-    hand-written derivative, or any autograd-differentiable function. The whole
-    Jacobian is computed twice: by autograd (vectorised reverse or forward mode
-    through ``torch.autograd.functional.jacobian``, which unlike ``torch.func``
-    accepts classic autograd.Functions) and by :func:`jacfd_with_error`, which
-    also returns a per-entry error estimate ``e``. An entry fails when::
+    hand-written derivative, or any autograd-differentiable function.
+
+    **Two stages.** First ``J @ u`` is compared along two random directions
+    ``u`` per input leaf: autograd's Jacobian times ``u`` (or forward-mode
+    ``jvp``) against the finite-difference derivative of ``s -> f(x + s u)``,
+    a few evaluations of ``func`` in all. Every component of ``u`` is at least
+    ``max(1, |x_k|)`` in size with a random sign and size, so a wrong entry
+    anywhere moves ``J @ u`` by at least its own error. If every ``J @ u``
+    agrees, that is the verdict; otherwise (or with ``exhaustive=True``) the
+    whole Jacobian is compared entry by entry, which costs a few evaluations
+    per input element and reports which entries are wrong.
+
+    **Entry by entry**, the Jacobian is computed by autograd (vectorised
+    reverse or forward mode through ``torch.autograd.functional.jacobian``,
+    which unlike ``torch.func`` accepts classic autograd.Functions) and by
+    :func:`jacfd_with_error`, which also returns a per-entry error estimate
+    ``e``. An entry fails when::
 
         |J_autograd - J_fd| > safety * (e + r) + rtol * |J_fd| + atol
 
@@ -200,6 +243,8 @@ def check_grad(
     scheme's order) is the rounding of ``f_i`` when it is a sum of cancelling
     terms (a matmul), which ``e``, built from ``|f_i|``, misses. The default ``atol`` is
     ``16 * eps * max|J|`` per pair, the round-off of autograd's own result.
+    ``J @ u`` is compared with the same rule, ``e`` being the estimate for the
+    directional derivative and ``r_i = eps**(p/(p+1)) * sum_k |J_ik| |u_k|``.
 
     Args:
         func: The function to check; positional ``args`` and ``kwargs`` are
@@ -222,7 +267,10 @@ def check_grad(
         strategy: How ``func`` is evaluated at the stencil points (see
             :func:`jacfd`). ``None`` (default): under ``torch.vmap``, or in a
             plain loop if that fails (classic autograd.Functions cannot run
-            under ``vmap``).
+            under ``vmap``). With a :class:`Batched` strategy every entry is
+            compared (the directions would need func on unbatched points).
+        exhaustive: Compare every entry even when ``J @ u`` agrees along the
+            random directions: the report then has every entry's error.
         raise_error: Raise :class:`GradCheckError` (an ``AssertionError``, with
             the report as its message) if an entry fails, for test suites.
 
@@ -251,11 +299,13 @@ def check_grad(
         >>> report = check_grad(Square.apply, x)
         >>> report.passed, report.pairs[0].failures
         (False, 3)
+        >>> report.pairs[0].worst[0].input_index  # the worst entry, d out[2] / d x[2]
+        (2,)
         >>> check_grad(torch.sin, x).passed
         True
     """
     name = "check_grad"
-    check_options(
+    options = check_options(
         name,
         func,
         argnums,
@@ -278,113 +328,295 @@ def check_grad(
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
             raise ValueError(f"{name}(func, {label}={value!r}): expected a number >= 0.")
-    if not isinstance(raise_error, bool):
-        raise TypeError(f"{name}(func, raise_error): expected a bool, got {raise_error!r}.")
+    for label, flag in (("exhaustive", exhaustive), ("raise_error", raise_error)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}(func, {label}): expected a bool, got {flag!r}.")
     if not args:
         raise TypeError(f"{name}(func, *args): pass the arguments to check func at.")
-    positions = normalize_argnums(name, argnums, len(args))
+    point = _Point(name, func, args, kwargs, normalize_argnums(name, argnums, len(args)))
+    accuracy = options.stencil.accuracy
+    # The rounding of f, after division by the step h ~ eps**(1/(p+1)).
+    exponent = 1.0 if options.stencil.imaginary else accuracy / (accuracy + 1)
+    compare = partial(_compare, safety=safety, rtol=rtol, atol=atol)
 
-    # Input leaves, named by their key path.
-    in_names: list[str] = []
-    in_leaves: list[torch.Tensor] = []
-    in_specs = []
-    for position in positions:
-        with_path, spec = tree_flatten_with_path(args[position])
-        in_specs.append(spec)
-        for path, leaf in with_path:
-            if not isinstance(leaf, torch.Tensor) or not leaf.is_floating_point():
-                raise TypeError(
-                    f"{name}(func, *args): argument {position} must be a tensor or a pytree of "
-                    f"real floating-point tensors; found {type(leaf).__name__} at "
-                    f"args[{position}]{keystr(path)}."
-                )
-            in_names.append(f"args[{position}]{keystr(path)}")
-            in_leaves.append(leaf.detach())
+    ad_blocks = None  # autograd's whole Jacobian, computed at most once
+    if not exhaustive and not isinstance(options.strategy, Batched):
+        if mode == "reverse":
+            ad_blocks = point.autograd_jacobian(mode)
+        along = _along_directions(point, options, exponent, ad_blocks, compare, scheme, strategy)
+        report = GradCheckReport(along, mode, scheme, float(safety), DIRECTIONS)
+        if report.passed:
+            return report
 
-    fd_jac, fd_err = _finite_differences(func, args, kwargs, positions, scheme, order, strategy)
-    out_names, ad_blocks = _autograd(func, args, kwargs, positions, in_leaves, in_specs, mode)
-    fd_leaves = tree_flatten(fd_jac)[0]
-    err_leaves = tree_flatten(fd_err)[0]
-    if len(fd_leaves) != len(ad_blocks):
+    fd_blocks, err_blocks = point.finite_differences(
+        point.leaves, lambda f: f, None, scheme, order, strategy
+    )
+    if ad_blocks is None:
+        ad_blocks = point.autograd_jacobian(mode)
+    if len(fd_blocks) != len(ad_blocks):
         raise ValueError(
             f"{name}(func): autograd and finite differences disagree on the output structure "
-            f"({len(ad_blocks)} vs {len(fd_leaves)} Jacobian blocks)."
+            f"({len(ad_blocks)} vs {len(fd_blocks)} Jacobian blocks)."
         )
-
     # The rounding of f_i in terms of its inputs' contributions: for f_i a sum of
-    # terms J_ij x_j (a matmul), its rounding is ~ eps * sum_j |J_ij x_j|, which the
+    # terms J_ik x_k (a matmul), it is ~ eps * sum_k |J_ik x_k|, which the
     # estimate (based on |f_i| itself) misses when the terms cancel. Divided by the
-    # step h_j ~ eps**(1/(p+1)) * max(1, |x_j|): eps**(p/(p+1)) * sum_j |J_ij|.
-    n_in = len(in_leaves)
-    exponent = 1.0 if scheme == "complex" else _order(scheme, order) / (_order(scheme, order) + 1)
-    row_floors = []
-    for o in range(len(fd_leaves) // max(n_in, 1)):
-        row = torch.zeros(
-            fd_leaves[o * n_in].shape[: fd_leaves[o * n_in].dim() - in_leaves[0].dim()],
-            dtype=torch.float64,
-        )
-        for i in range(len(in_leaves)):
-            block = fd_leaves[o * n_in + i].to(torch.float64).abs()
-            row = row + block.reshape(*row.shape, -1).sum(-1)
-        eps = torch.finfo(fd_leaves[o * n_in].dtype).eps
-        row_floors.append(eps**exponent * row)
-
+    # step h_k ~ eps**(1/(p+1)) * max(1, |x_k|): eps**(p/(p+1)) * sum_k |J_ik|.
+    rows = point.rows([block.abs() for block in fd_blocks])
     pairs = []
-    for k, ad in enumerate(ad_blocks):
-        out_name = out_names[k // len(in_leaves)]
-        in_leaf = in_leaves[k % len(in_leaves)]
-        pairs.append(
-            _compare(
-                out_name,
-                in_names[k % len(in_leaves)],
-                in_leaf.dim(),
-                row_floors[k // len(in_leaves)],
-                ad,
-                fd_leaves[k],
-                err_leaves[k],
-                safety,
-                rtol,
-                atol,
-            )
-        )
+    for (o, i), ad, fd, err in zip(point.pair_indices(), ad_blocks, fd_blocks, err_blocks):
+        in_dim = point.leaves[i].dim()
+        rounding = _eps(fd) ** exponent * rows[o].reshape(*rows[o].shape, *[1] * in_dim)
+        pairs.append(compare(point.out_names[o], point.in_names[i], in_dim, rounding, ad, fd, err))
     report = GradCheckReport(tuple(pairs), mode, scheme, float(safety))
     if raise_error and not report.passed:
         raise GradCheckError(report)
     return report
 
 
-def _finite_differences(
-    func: Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: Mapping[str, Any],
-    positions: tuple[int, ...],
+def _along_directions(
+    point: _Point,
+    options: Options,
+    exponent: float,
+    ad_blocks: list[torch.Tensor] | None,
+    compare: Callable[..., GradCheckPair],
     scheme: Scheme,
-    order: int | None,
     strategy: Strategy | None,
-) -> tuple[Any, Any]:
-    """``jacfd_with_error`` with a tuple argnums (so the layout is always
-    output pytree, then argnums, then input pytree); without a ``strategy``,
-    vmap first and a plain loop if func cannot run under vmap."""
-    detached = tuple(_detach(a) if i in positions else a for i, a in enumerate(args))
+) -> tuple[GradCheckPair, ...]:
+    """Compares ``J @ u`` along :data:`DIRECTIONS` random directions ``u`` per input leaf.
 
-    def run(f: Callable[..., Any], chosen: Strategy) -> tuple[Any, Any]:
-        result: tuple[Any, Any] = jacfd_with_error(
-            f, positions, scheme=scheme, order=order, strategy=chosen
-        )(*detached, **kwargs)
-        return result
+    One finite-difference column per direction instead of one per element: the
+    derivative of ``s -> f(x + U s)`` at ``s = 0``. Its step ``h`` is a power of
+    two and each ``u`` is rounded so that ``x + h u`` is exact: the distance
+    travelled is exactly ``h u`` (and, but at a rare binade boundary, ``c h u``
+    for the stencil's other offsets ``c``). Every component of ``u`` is at least
+    ``max(1, |x_k|)`` in size, with a random sign and size, so a wrong entry in
+    any column moves ``J @ u`` by at least that entry's error, and two wrong
+    entries cancel only by coincidence.
+    """
+    stencil = options.stencil
+    precision = max(_eps(leaf) for leaf in point.leaves) ** options.noise_exponent
+    step = 2.0 ** math.floor(math.log2(stencil.step_constant * precision**stencil.step_exponent))
+    generator = torch.Generator().manual_seed(0)  # reproducible verdicts
+    directions = []
+    for leaf in point.leaves:
+        shape = (DIRECTIONS, *leaf.shape)
+        sign = torch.randint(0, 2, shape, generator=generator).to(leaf.dtype) * 2 - 1
+        size = 1 + torch.rand(shape, generator=generator, dtype=leaf.dtype)
+        u = (sign * size).to(leaf.device) * leaf.abs().clamp_min(1)
+        if not stencil.imaginary:
+            u = ((leaf + step * u) - leaf) / step
+        directions.append(u)
 
-    with torch.no_grad():
-        if strategy is not None:
-            return run(func, strategy)
-        for candidate in (_forward_of(func), func):
-            if candidate is None:
-                continue
-            try:
-                return run(candidate, "vmap")
-            except RuntimeError as error:
-                if "vmap" not in str(error):
-                    raise
-        return run(func, "loop")
+    def along(f: Callable[..., Any]) -> Callable[..., Any]:
+        def moved(*coefficients: torch.Tensor) -> Any:
+            # At a stencil point s has one non-zero, c h, so U s is exactly c h u.
+            return f(
+                *[
+                    x + torch.tensordot(s, u, dims=1)
+                    for x, s, u in zip(point.leaves, coefficients, directions)
+                ]
+            )
+
+        return moved
+
+    origin = [torch.zeros(DIRECTIONS, dtype=u.dtype, device=u.device) for u in directions]
+    fd_blocks, err_blocks = point.finite_differences(
+        origin, along, step, scheme, stencil.accuracy, strategy
+    )
+    if ad_blocks is None:  # forward mode: one Jacobian-vector product per direction
+        ad_blocks = point.forward_products(directions)
+        magnitudes = [block.abs().mean(-1, keepdim=True) for block in ad_blocks]
+    else:
+        ad_blocks, magnitudes = _times_directions(point, ad_blocks, directions)
+    # The rounding of f_i, as in the entry-wise check: eps**(p/(p+1)) * sum_k |J_ik| |u_k|.
+    rows = point.rows(magnitudes, in_dim=1)
+    pairs = []
+    for (o, i), ad, fd, err in zip(point.pair_indices(), ad_blocks, fd_blocks, err_blocks):
+        rounding = _eps(fd) ** exponent * rows[o].unsqueeze(-1)
+        pairs.append(compare(point.out_names[o], point.in_names[i], 1, rounding, ad, fd, err))
+    return tuple(pairs)
+
+
+def _times_directions(
+    point: _Point, blocks: list[torch.Tensor], directions: list[torch.Tensor]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``J @ u`` per block, ``out.shape + (directions,)``, and the mean
+    ``|J| @ |u|`` over the directions, ``out.shape + (1,)``."""
+    products, magnitudes = [], []
+    for (_, i), block in zip(point.pair_indices(), blocks):
+        u = directions[i].reshape(DIRECTIONS, -1).T.to(block.dtype)
+        flat = block.reshape(*block.shape[: block.dim() - point.leaves[i].dim()], -1)
+        products.append(flat @ u)
+        magnitudes.append((flat.abs() @ u.abs()).mean(-1, keepdim=True))
+    return products, magnitudes
+
+
+class _Point:
+    """``func`` at the point to check, as a function of its differentiated leaves.
+
+    Leaves are flattened in ``argnums`` order, then pytree order; outputs are
+    named by key path (``out['loss']``) and Jacobian blocks come output-major.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        func: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        positions: tuple[int, ...],
+    ) -> None:
+        self.func, self.args, self.kwargs, self.positions = func, args, kwargs, positions
+        self.in_names: list[str] = []
+        self.leaves: list[torch.Tensor] = []
+        self.specs: list[TreeSpec] = []
+        self.out_names: list[str] = []
+        for position in positions:
+            with_path, spec = tree_flatten_with_path(args[position])
+            self.specs.append(spec)
+            for path, leaf in with_path:
+                if not isinstance(leaf, torch.Tensor) or not leaf.is_floating_point():
+                    raise TypeError(
+                        f"{name}(func, *args): argument {position} must be a tensor or a pytree "
+                        f"of real floating-point tensors; found {type(leaf).__name__} at "
+                        f"args[{position}]{keystr(path)}."
+                    )
+                self.in_names.append(f"args[{position}]{keystr(path)}")
+                self.leaves.append(leaf.detach())
+
+    def call(self, f: Callable[..., Any], leaves: Sequence[torch.Tensor]) -> Any:
+        """``f`` (``func`` or its ``forward``) with the differentiated leaves replaced."""
+        full = list(self.args)
+        start = 0
+        for position, spec in zip(self.positions, self.specs):
+            full[position] = tree_unflatten(list(leaves[start : start + spec.num_leaves]), spec)
+            start += spec.num_leaves
+        return f(*full, **self.kwargs)
+
+    def pair_indices(self) -> list[tuple[int, int]]:
+        """(output leaf, input leaf) of each Jacobian block, output-major."""
+        return [(o, i) for o in range(len(self.out_names)) for i in range(len(self.leaves))]
+
+    def rows(self, blocks: list[torch.Tensor], in_dim: int | None = None) -> list[torch.Tensor]:
+        """Per output leaf, ``sum_k block[..., k]`` over every input element ``k``
+        (the last ``in_dim`` dims of a block; default: the input leaf's)."""
+        rows = []
+        for o in range(len(self.out_names)):
+            total: torch.Tensor | float = 0.0
+            for i in range(len(self.leaves)):
+                block = blocks[o * len(self.leaves) + i].to(torch.float64)
+                dims = self.leaves[i].dim() if in_dim is None else in_dim
+                total = total + block.reshape(*block.shape[: block.dim() - dims], -1).sum(-1)
+            assert isinstance(total, torch.Tensor)
+            rows.append(total)
+        return rows
+
+    def flat_outputs(self, *leaves: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``func``'s output leaves, checked and named, for autograd."""
+        with_path, _ = tree_flatten_with_path(self.call(self.func, leaves))
+        if not self.out_names:
+            self.out_names.extend(f"out{keystr(path)}" for path, _ in with_path)
+        for path, out in with_path:
+            if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+                raise TypeError(
+                    f"check_grad(func): func must return a tensor or a pytree of floating-point "
+                    f"tensors; found {type(out).__name__} at out{keystr(path)}."
+                )
+        return tuple(out for _, out in with_path)
+
+    def autograd_jacobian(self, mode: Mode) -> list[torch.Tensor]:
+        """Autograd's Jacobian blocks, each ``out.shape + in.shape``.
+
+        ``torch.autograd.functional.jacobian``: vectorised with ``vmap`` over the
+        backward (or forward-mode) pass, which works for classic
+        autograd.Functions too since ``func`` itself runs outside vmap; one pass
+        per element if the backward (or jvp) cannot be vmapped.
+        """
+        inputs = tuple(self.leaves)
+        strategy = "forward-mode" if mode == "forward" else "reverse-mode"
+        try:
+            jac = _jacobian(self.flat_outputs, inputs, True, strategy)
+        except RuntimeError as error:
+            if not any(word in str(error) for word in ("vmap", "functorch", "batch")):
+                raise
+            if mode == "reverse":
+                jac = _jacobian(self.flat_outputs, inputs, False, strategy)
+            else:
+                units = [torch.eye(x.numel(), dtype=x.dtype, device=x.device) for x in inputs]
+                products = self.forward_products(
+                    [e.reshape(-1, *x.shape) for e, x in zip(units, inputs)]
+                )
+                return [
+                    p.reshape(*p.shape[:-1], *self.leaves[i].shape)
+                    for (_, i), p in zip(self.pair_indices(), products)
+                ]
+        return [block.detach() for row in jac for block in row]
+
+    def forward_products(self, tangents: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``J @ t`` by forward-mode AD, one dual-number pass per tangent ``t``.
+
+        ``tangents[i]`` stacks the tangents of input leaf ``i`` along dim 0;
+        each block is ``out.shape + (len(tangents[i]),)``.
+        """
+        columns: list[list[list[torch.Tensor]]] = []  # [input][tangent][output]
+        for i, stacked in enumerate(tangents):
+            per_tangent = []
+            for tangent in stacked:
+                with fwAD.dual_level():
+                    duals = [
+                        fwAD.make_dual(x, tangent) if k == i else x  # type: ignore[no-untyped-call]
+                        for k, x in enumerate(self.leaves)
+                    ]
+                    per_tangent.append(
+                        [
+                            torch.zeros_like(out) if (t := _tangent(out)) is None else t.clone()
+                            for out in self.flat_outputs(*duals)
+                        ]
+                    )
+            columns.append(per_tangent)
+        return [
+            torch.stack([column[o] for column in columns[i]], dim=-1)
+            for o, i in self.pair_indices()
+        ]
+
+    def finite_differences(
+        self,
+        primals: list[torch.Tensor],
+        wrap: Callable[[Callable[..., Any]], Callable[..., Any]],
+        delta: float | None,
+        scheme: Scheme,
+        order: int | None,
+        strategy: Strategy | None,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``jacfd_with_error`` of ``wrap(leaves -> func(...))`` at ``primals``, as
+        flat blocks output-major; without a ``strategy``, vmap first and a plain
+        loop if func cannot run under vmap."""
+
+        def run(f: Callable[..., Any], chosen: Strategy) -> tuple[list[torch.Tensor], ...]:
+            g = wrap(lambda *leaves: self.call(f, leaves))
+            if hasattr(self.func, NOISE_EXPONENT):  # func made by jacfd: its precision
+                setattr(g, NOISE_EXPONENT, getattr(self.func, NOISE_EXPONENT))
+            jac, err = jacfd_with_error(
+                g, tuple(range(len(primals))), delta, scheme, order=order, strategy=chosen
+            )(*primals)
+            return tree_flatten(jac)[0], tree_flatten(err)[0]
+
+        with torch.no_grad():
+            if strategy is not None:
+                jac, err = run(self.func, strategy)
+                return jac, err
+            for candidate in (_forward_of(self.func), self.func):
+                if candidate is None:
+                    continue
+                try:
+                    jac, err = run(candidate, "vmap")
+                    return jac, err
+                except RuntimeError as error:
+                    if "vmap" not in str(error):
+                        raise
+            jac, err = run(self.func, "loop")
+            return jac, err
 
 
 class _Context:
@@ -431,78 +663,11 @@ def _forward_of(func: Callable[..., Any]) -> Callable[..., Any] | None:
     return lambda *args, **kwargs: forward(_Context(), *args, **kwargs)
 
 
-def _detach(tree: Any) -> Any:
-    leaves, spec = tree_flatten(tree)
-    return tree_unflatten(
-        [leaf.detach() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves], spec
-    )
-
-
-def _autograd(
-    func: Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: Mapping[str, Any],
-    positions: tuple[int, ...],
-    in_leaves: list[torch.Tensor],
-    in_specs: list[Any],
-    mode: Mode,
-) -> tuple[list[str], list[torch.Tensor]]:
-    """Autograd's Jacobian blocks, output leaf major, each ``out.shape + in.shape``.
-
-    ``torch.autograd.functional.jacobian`` on a flat wrapper: vectorised with
-    ``vmap`` over the backward (or forward-mode) pass, which works for classic
-    autograd.Functions too since ``func`` itself runs outside vmap; falls back
-    to one backward pass per output element if the backward cannot be vmapped.
-    """
-    out_names: list[str] = []
-    counts = [spec.num_leaves for spec in in_specs]
-
-    def flat(*leaves: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        full = list(args)
-        start = 0
-        for position, spec, count in zip(positions, in_specs, counts):
-            full[position] = tree_unflatten(list(leaves[start : start + count]), spec)
-            start += count
-        with_path, _ = tree_flatten_with_path(func(*full, **kwargs))
-        if not out_names:
-            out_names.extend(f"out{keystr(path)}" for path, _ in with_path)
-        outs = []
-        for path, out in with_path:
-            if not isinstance(out, torch.Tensor) or not out.is_floating_point():
-                raise TypeError(
-                    f"check_grad(func): func must return a tensor or a pytree of floating-point "
-                    f"tensors; found {type(out).__name__} at out{keystr(path)}."
-                )
-            outs.append(out)
-        return tuple(outs)
-
-    inputs = tuple(in_leaves)
-    if mode == "forward":
-        try:
-            jac = _jacobian(flat, inputs, vectorize=True, strategy="forward-mode")
-        except RuntimeError as error:
-            if "vmap" not in str(error) and "functorch" not in str(error):
-                raise
-            jac = _forward_loop(flat, inputs)
-    else:
-        try:
-            jac = _jacobian(flat, inputs, vectorize=True)
-        except RuntimeError as error:
-            if (
-                "vmap" not in str(error)
-                and "functorch" not in str(error)
-                and "batch" not in str(error)
-            ):
-                raise
-            jac = _jacobian(flat, inputs, vectorize=False)
-    return out_names, [block.detach() for row in jac for block in row]
-
-
 def _jacobian(
     flat: Callable[..., tuple[torch.Tensor, ...]],
     inputs: tuple[torch.Tensor, ...],
     vectorize: bool,
-    strategy: str = "reverse-mode",
+    strategy: str,
 ) -> tuple[tuple[torch.Tensor, ...], ...]:
     jac: tuple[tuple[torch.Tensor, ...], ...] = torch.autograd.functional.jacobian(  # type: ignore[no-untyped-call]
         flat, inputs, vectorize=vectorize, strategy=strategy
@@ -510,68 +675,30 @@ def _jacobian(
     return jac
 
 
-def _forward_loop(
-    flat: Callable[..., tuple[torch.Tensor, ...]], inputs: tuple[torch.Tensor, ...]
-) -> tuple[tuple[torch.Tensor, ...], ...]:
-    """Forward-mode Jacobian, one dual-number pass per input element."""
-    columns: list[list[list[torch.Tensor]]] = []  # [input][element][output]
-    for i, leaf in enumerate(inputs):
-        per_element = []
-        for j in range(leaf.numel()):
-            tangent = torch.zeros_like(leaf).reshape(-1)
-            tangent[j] = 1
-            with fwAD.dual_level():
-                duals = [
-                    fwAD.make_dual(  # type: ignore[no-untyped-call]
-                        x, tangent.reshape(x.shape)
-                    )
-                    if k == i
-                    else x
-                    for k, x in enumerate(inputs)
-                ]
-                outs = flat(*duals)
-                per_element.append(
-                    [
-                        torch.zeros_like(out)
-                        if (
-                            t := fwAD.unpack_dual(out).tangent  # type: ignore[no-untyped-call]
-                        )
-                        is None
-                        else t.clone()
-                        for out in outs
-                    ]
-                )
-        columns.append(per_element)
-    n_out = len(columns[0][0]) if columns and columns[0] else 0
-    return tuple(
-        tuple(
-            torch.stack([col[o] for col in columns[i]], dim=-1).reshape(
-                *columns[i][0][o].shape, *inputs[i].shape
-            )
-            for i in range(len(inputs))
-        )
-        for o in range(n_out)
-    )
+def _tangent(out: torch.Tensor) -> torch.Tensor | None:
+    tangent: torch.Tensor | None = fwAD.unpack_dual(out).tangent  # type: ignore[no-untyped-call]
+    return tangent
 
 
-def _order(scheme: str, order: int | None) -> int:
-    if order is not None:
-        return order
-    return 2 if scheme == "central" else 1
+def _eps(tensor: torch.Tensor) -> float:
+    return torch.finfo(tensor.dtype).eps
 
 
 def _compare(
     out_name: str,
     in_name: str,
     in_dim: int,
-    row_floor: torch.Tensor,
+    rounding: torch.Tensor,
     ad: torch.Tensor,
     fd: torch.Tensor,
     err: torch.Tensor,
+    *,
     safety: float,
     rtol: float,
     atol: float | None,
 ) -> GradCheckPair:
+    """One pair's verdict: ``ad`` and ``fd`` are ``out.shape + in.shape`` (or
+    ``out.shape + (directions,)``, ``in_dim = 1``); ``rounding`` broadcasts to them."""
     shape = tuple(fd.shape)
     # The coarser of the two dtypes sets the round-off floor.
     eps = max(torch.finfo(ad.dtype).eps, torch.finfo(fd.dtype).eps)
@@ -580,7 +707,6 @@ def _compare(
     err = err.to(torch.float64)
     scale = max(ad.abs().max().item(), fd.abs().max().item()) if fd.numel() else 0.0
     floor = ROUNDING_ULPS * eps * scale if atol is None else atol
-    rounding = row_floor.reshape(*row_floor.shape, *([1] * in_dim))
     tolerance = safety * (err + rounding) + rtol * fd.abs() + floor
     difference = (ad - fd).abs()
     magnitude = torch.maximum(ad.abs(), fd.abs())
@@ -590,19 +716,15 @@ def _compare(
     ratio = torch.nan_to_num(ratio, nan=math.inf)
     worst = []
     if fd.numel():
-        top = torch.topk(ratio.reshape(-1), min(WORST, fd.numel())).indices.tolist()
+        top = torch.topk(ratio.reshape(-1), min(WORST, fd.numel())).indices
         out_dim = fd.dim() - in_dim
-        for flat_index in top:
-            index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat_index), shape))
-            worst.append(
-                GradCheckEntry(
-                    index[:out_dim],
-                    index[out_dim:],
-                    float(ad[index]),
-                    float(fd[index]),
-                    float(tolerance[index]),
-                )
-            )
+        flat = torch.stack([ad.reshape(-1), fd.reshape(-1), tolerance.reshape(-1)])[:, top]
+        for flat_index, (a, f, t) in zip(top.tolist(), flat.T.tolist()):
+            index: list[int] = []
+            for size in reversed(shape):
+                flat_index, remainder = divmod(flat_index, size)
+                index.insert(0, remainder)
+            worst.append(GradCheckEntry(tuple(index[:out_dim]), tuple(index[out_dim:]), a, f, t))
     return GradCheckPair(
         out_name,
         in_name,
