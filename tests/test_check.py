@@ -316,6 +316,14 @@ def test_bad_input() -> None:
         check_grad(Square.apply)
     with pytest.raises(ValueError, match=r"^check_grad"):
         check_grad(Square.apply, x, scheme="sideways")  # type: ignore[arg-type]
+
+    def moody(v: torch.Tensor) -> Any:  # two outputs under autograd, one under no_grad
+        return (v.sin(), v.cos()) if torch.is_grad_enabled() else v.sin()
+
+    for exhaustive in (False, True):
+        for mode in ("reverse", "forward"):
+            with pytest.raises(ValueError, match=r"^check_grad\(func\): .* \(2 vs 1 Jacobian"):
+                check_grad(moody, x, mode=mode, exhaustive=exhaustive)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"^check_grad\(func, exhaustive\): expected a bool"):
         check_grad(Square.apply, x, exhaustive=1)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"^check_grad\(func, raise_error\): expected a bool"):

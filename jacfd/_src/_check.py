@@ -353,11 +353,7 @@ def check_grad(
     )
     if ad_blocks is None:
         ad_blocks = point.autograd_jacobian(mode)
-    if len(fd_blocks) != len(ad_blocks):
-        raise ValueError(
-            f"{name}(func): autograd and finite differences disagree on the output structure "
-            f"({len(ad_blocks)} vs {len(fd_blocks)} Jacobian blocks)."
-        )
+    point.check_blocks(ad_blocks, fd_blocks)
     # The rounding of f_i in terms of its inputs' contributions: for f_i a sum of
     # terms J_ik x_k (a matmul), it is ~ eps * sum_k |J_ik x_k|, which the
     # estimate (based on |f_i| itself) misses when the terms cancel. Divided by the
@@ -426,8 +422,10 @@ def _along_directions(
     )
     if ad_blocks is None:  # forward mode: one Jacobian-vector product per direction
         ad_blocks = point.forward_products(directions)
+        point.check_blocks(ad_blocks, fd_blocks)
         magnitudes = [block.abs().mean(-1, keepdim=True) for block in ad_blocks]
     else:
+        point.check_blocks(ad_blocks, fd_blocks)
         ad_blocks, magnitudes = _times_directions(point, ad_blocks, directions)
     # The rounding of f_i, as in the entry-wise check: eps**(p/(p+1)) * sum_k |J_ik| |u_k|.
     rows = point.rows(magnitudes, in_dim=1)
@@ -467,7 +465,8 @@ class _Point:
         kwargs: Mapping[str, Any],
         positions: tuple[int, ...],
     ) -> None:
-        self.func, self.args, self.kwargs, self.positions = func, args, kwargs, positions
+        self.name, self.func, self.args, self.kwargs = name, func, args, kwargs
+        self.positions = positions
         self.in_names: list[str] = []
         self.leaves: list[torch.Tensor] = []
         self.specs: list[TreeSpec] = []
@@ -493,6 +492,14 @@ class _Point:
             full[position] = tree_unflatten(list(leaves[start : start + spec.num_leaves]), spec)
             start += spec.num_leaves
         return f(*full, **self.kwargs)
+
+    def check_blocks(self, ad_blocks: list[torch.Tensor], fd_blocks: list[torch.Tensor]) -> None:
+        if len(fd_blocks) != len(ad_blocks):
+            raise ValueError(
+                f"{self.name}(func): autograd and finite differences disagree on the output "
+                f"structure ({len(ad_blocks)} vs {len(fd_blocks)} Jacobian blocks): does "
+                "forward return the same outputs as apply?"
+            )
 
     def pair_indices(self) -> list[tuple[int, int]]:
         """(output leaf, input leaf) of each Jacobian block, output-major."""
