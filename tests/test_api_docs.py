@@ -50,3 +50,21 @@ def test_every_page_is_in_the_nav() -> None:
     pages = set(_nav_pages())
     orphans = sorted(p.name for p in DOCS.glob("*.md") if p.name not in pages)
     assert not orphans, f"pages not reachable from mkdocs.yml's nav: {orphans}"
+
+
+def test_returns_sections_are_one_item() -> None:
+    """mkdocstrings' Google-style parser starts a new ``Returns`` item at every line
+    with the first line's indentation: continuation lines must be indented deeper,
+    or one return value renders as a table of fragments."""
+    import inspect
+
+    for name in jacfd.__all__:
+        doc = inspect.getdoc(getattr(jacfd, name)) or ""
+        lines = doc.splitlines()
+        if "Returns:" not in lines:
+            continue
+        section = lines[lines.index("Returns:") + 1 :]
+        body = section[: section.index("")] if "" in section else section
+        indent = len(body[0]) - len(body[0].lstrip())
+        flush = [line for line in body[1:] if len(line) - len(line.lstrip()) <= indent]
+        assert not flush, f"{name}'s Returns: indent these continuation lines: {flush}"

@@ -27,15 +27,6 @@ from ._steps import NOISE_EXPONENT
 
 Mode = Literal["reverse", "forward"]
 
-SAFETY = 10.0
-"""Default multiple of ``jacfd_with_error``'s per-entry estimate that an entry may
-differ by. The estimate bounds the true finite-difference error on >= 99.8% of
-entries in jacfd's accuracy tests and is typically 40-50x pessimistic, so a
-correct gradient exceeds ``10 * estimate`` essentially never, while a planted bug
-(a wrong sign, a missing factor, a transposed index) changes an entry by a
-multiple of its own size, which is ``1 / eps**(2/3)`` times the estimate for
-central differences (about 1e10 in float64, 1e4 in float32)."""
-
 ROUNDING_ULPS = 16.0
 """The default ``atol`` is ``ROUNDING_ULPS * eps * max|J|`` per input/output pair:
 the rounding of autograd's own Jacobian (a sum of products with a few dozen
@@ -200,7 +191,7 @@ def check_grad(
     mode: Mode = "reverse",
     scheme: Scheme = "central",
     order: int | None = None,
-    safety: float = SAFETY,
+    safety: float = 10.0,
     rtol: float = 0.0,
     atol: float | None = None,
     strategy: Strategy | None = None,
@@ -231,20 +222,24 @@ def check_grad(
 
         |J_autograd - J_fd| > safety * (e + r) + rtol * |J_fd| + atol
 
-    The tolerance therefore follows the dtype, the scheme, the step and the size
-    of ``func`` and its derivatives at ``args``, entry by entry: no hand-tuned
-    ``atol=1e-5, rtol=1e-3`` that is too loose for small entries and too strict
-    for float32. ``e`` bounds the true error on >= 99.8% of entries in jacfd's
-    tests and is typically 40-50x pessimistic, so ``safety=10`` leaves a margin
-    of several hundred on a typical entry; a wrong backward changes entries by
-    a multiple of their size, about ``eps**(-2/3)`` times ``e`` for central
-    differences (1e10 in float64, 1e4 in float32). ``r_ij = eps**(p/(p+1)) *
-    sum_k |J_fd[i, k]|`` (over all differentiated elements ``k``, ``p`` the
-    scheme's order) is the rounding of ``f_i`` when it is a sum of cancelling
-    terms (a matmul), which ``e``, built from ``|f_i|``, misses. The default ``atol`` is
-    ``16 * eps * max|J|`` per pair, the round-off of autograd's own result.
-    ``J @ u`` is compared with the same rule, ``e`` being the estimate for the
-    directional derivative and ``r_i = eps**(p/(p+1)) * sum_k |J_ik| |u_k|``.
+    The tolerance follows the dtype, the scheme, the step and the size of
+    ``func`` and its derivatives at ``args``, entry by entry, with no hand-tuned
+    ``atol=1e-5, rtol=1e-3`` (too loose for small entries, too strict for
+    float32):
+
+    - ``e`` bounds the true error on >= 99.8% of entries in jacfd's tests and
+      is typically 40-50x pessimistic, so ``safety=10`` leaves a margin of
+      several hundred. A wrong backward changes entries by a multiple of their
+      size, about ``eps**(-2/3)`` times ``e`` for central differences (1e10 in
+      float64, 1e4 in float32).
+    - ``r_ij = eps**(p/(p+1)) * sum_k |J_fd[i, k]|`` (over every
+      differentiated element ``k``; ``p`` is the scheme's order) is the
+      rounding of ``f_i`` when it is a sum of cancelling terms (a matmul),
+      which ``e``, built from ``|f_i|``, misses.
+    - The default ``atol``, ``16 * eps * max|J|`` per pair, is the round-off of
+      autograd's own result.
+    - ``J @ u`` is compared by the same rule, with ``e`` the estimate for the
+      directional derivative and ``r_i = eps**(p/(p+1)) * sum_k |J_ik| |u_k|``.
 
     Args:
         func: The function to check; positional ``args`` and ``kwargs`` are
@@ -276,8 +271,8 @@ def check_grad(
 
     Returns:
         A :class:`GradCheckReport`: ``.passed``, ``.pairs`` (per output/input
-        leaf pair: names, max absolute and relative errors, failure count and
-        the worst entries), and a readable ``str``.
+            leaf pair: names, max absolute and relative errors, failure count and
+            the worst entries), and a readable ``str``.
 
     Raises:
         GradCheckError: With ``raise_error=True``, when an entry fails.

@@ -112,10 +112,10 @@ def jacfd(
 
     Returns:
         A function taking the same arguments as ``func`` and returning its
-        Jacobian: each leaf has shape ``out_leaf.shape + in_leaf.shape`` and the
-        dtype of ``out_leaf`` (its real dtype for ``"complex"``); the nesting is
-        the output pytree, then the argnums tuple (if argnums is a tuple), then
-        the input pytree.
+            Jacobian: each leaf has shape ``out_leaf.shape + in_leaf.shape`` and the
+            dtype of ``out_leaf`` (its real dtype for ``"complex"``); the nesting is
+            the output pytree, then the argnums tuple (if argnums is a tuple), then
+            the input pytree.
 
     Examples:
         >>> import torch
@@ -240,7 +240,7 @@ def jacfd_with_error(
 
     Returns:
         A function returning ``(jacobian, error)``, or ``(jacobian, error, aux)``
-        with ``has_aux``: two pytrees in :func:`jacfd`'s layout, ``error`` >= 0.
+            with ``has_aux``: two pytrees in :func:`jacfd`'s layout, ``error`` >= 0.
 
     Examples:
         >>> import torch

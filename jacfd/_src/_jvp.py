@@ -52,8 +52,8 @@ def jvpfd(
 
     Returns:
         ``(output, tangent_out)``, or ``(output, tangent_out, aux)`` with
-        ``has_aux``: ``output`` is ``func(*primals)`` exactly, ``tangent_out``
-        has its structure, shapes and dtypes.
+            ``has_aux``: ``output`` is ``func(*primals)`` exactly, ``tangent_out``
+            has its structure, shapes and dtypes.
 
     Examples:
         >>> import torch

@@ -67,7 +67,7 @@ def hessdiagfd(
 
     Returns:
         A function returning the second derivatives in :func:`jacfd`'s layout
-        (each leaf ``out_leaf.shape + in_leaf.shape``), and ``aux`` if ``has_aux``.
+            (each leaf ``out_leaf.shape + in_leaf.shape``), and ``aux`` if ``has_aux``.
 
     Examples:
         >>> import torch
@@ -121,7 +121,7 @@ def laplacianfd(
 
     Returns:
         A function returning a pytree like ``func``'s output (each leaf of its
-        output's shape), and ``aux`` if ``has_aux``.
+            output's shape), and ``aux`` if ``has_aux``.
 
     Examples:
         >>> import torch
@@ -210,9 +210,9 @@ def hessfd(
 
     Returns:
         A function returning the Hessian: each leaf has shape
-        ``out.shape + in_a.shape + in_b.shape``, nested as output pytree,
-        argnums tuple, input pytree, argnums tuple, input pytree (the levels of
-        argnums only when it is a tuple), exactly as ``torch.func.hessian``.
+            ``out.shape + in_a.shape + in_b.shape``, nested as output pytree,
+            argnums tuple, input pytree, argnums tuple, input pytree (the levels of
+            argnums only when it is a tuple), exactly as ``torch.func.hessian``.
 
     Examples:
         >>> import torch
