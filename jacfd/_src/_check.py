@@ -418,6 +418,8 @@ def _along_directions(
     if ad_blocks is None:  # forward mode: one Jacobian-vector product per direction
         ad_blocks = point.forward_products(directions)
         point.check_blocks(ad_blocks, fd_blocks)
+        # Only J @ u is known: |J @ u| stands in for |J| @ |u|. It is smaller when
+        # terms cancel, which can only send a correct gradient on to every entry.
         magnitudes = [block.abs().mean(-1, keepdim=True) for block in ad_blocks]
     else:
         point.check_blocks(ad_blocks, fd_blocks)
