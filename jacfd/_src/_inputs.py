@@ -8,7 +8,7 @@ or ``ValueError`` with a message that says how to fix the call.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeAlias
+from typing import Any, ParamSpec, TypeAlias, TypeVar, cast
 
 import torch
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
@@ -161,20 +161,27 @@ def _describe(value: object) -> str:
     return "None" if value is None else f"a {type(value).__name__}"
 
 
-def wraps(func: Callable[..., Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def wraps(func: Callable[P, Any]) -> Callable[[Callable[..., R]], Callable[P, R]]:
     """``functools.wraps`` minus the attributes that make Dynamo skip the wrapper.
+
+    Typed so that a transform's result takes ``func``'s parameters, as a type
+    checker sees them.
 
     When ``func`` is itself a compiled function, copying its ``_torchdynamo_*``
     attributes would make ``torch.compile`` treat our wrapper as already compiled.
     """
     import functools
 
-    def decorate(wrapper: Callable[..., Any]) -> Callable[..., Any]:
+    def decorate(wrapper: Callable[..., R]) -> Callable[P, R]:
         wrapper = functools.wraps(func)(wrapper)
         for attr in list(wrapper.__dict__):
             if attr.startswith("_torchdynamo") or attr in _DYNAMO_ATTRS:
                 del wrapper.__dict__[attr]
-        return wrapper
+        return cast(Callable[P, R], wrapper)
 
     return decorate
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 
 from ._coloring import color_columns
 from ._engine import check_options, coordinate_columns, prepare
 from ._evaluate import Batched, Merged, Randomness, Strategy
-from ._inputs import Argnums, wraps
+from ._inputs import Argnums, P, wraps
 from ._layout import Contraction, to_torch_func_layout
 from ._sparse import PerSample, Sparsity
 from ._stencil import Scheme, richardson
@@ -23,7 +23,7 @@ the element-wise and matmul-based functions of the error-estimate tests."""
 
 
 def jacfd(
-    func: Callable[..., Any],
+    func: Callable[P, Any],
     argnums: Argnums = 0,
     delta: Delta = None,
     scheme: Scheme = "central",
@@ -36,7 +36,7 @@ def jacfd(
     sparsity: Any = None,
     sparse_output: bool = False,
     batch_dim: int | None = None,
-) -> Callable[..., Any]:
+) -> Callable[P, Any]:
     """Jacobian of ``func`` by finite differences, laid out like ``torch.func.jacrev``.
 
     Every coordinate of the differentiated arguments is perturbed by a small step
@@ -210,8 +210,39 @@ def _check_structure(
     return None if sparsity is None else Sparsity(color_columns(sparsity))
 
 
+@overload
 def jacfd_with_error(
-    func: Callable[..., Any],
+    func: Callable[P, Any],
+    argnums: Argnums = 0,
+    delta: Delta = None,
+    scheme: Scheme = "central",
+    *,
+    order: int | None = None,
+    has_aux: Literal[False] = False,
+    chunk_size: int | None = None,
+    randomness: Randomness = "error",
+    strategy: Strategy = "vmap",
+) -> Callable[P, tuple[Any, Any]]: ...
+
+
+@overload
+def jacfd_with_error(
+    func: Callable[P, Any],
+    argnums: Argnums = 0,
+    delta: Delta = None,
+    scheme: Scheme = "central",
+    *,
+    order: int | None = None,
+    has_aux: Literal[True],
+    chunk_size: int | None = None,
+    randomness: Randomness = "error",
+    strategy: Strategy = "vmap",
+) -> Callable[P, tuple[Any, Any, Any]]: ...
+
+
+@overload
+def jacfd_with_error(
+    func: Callable[P, Any],
     argnums: Argnums = 0,
     delta: Delta = None,
     scheme: Scheme = "central",
@@ -221,7 +252,21 @@ def jacfd_with_error(
     chunk_size: int | None = None,
     randomness: Randomness = "error",
     strategy: Strategy = "vmap",
-) -> Callable[..., Any]:
+) -> Callable[P, tuple[Any, ...]]: ...
+
+
+def jacfd_with_error(
+    func: Callable[P, Any],
+    argnums: Argnums = 0,
+    delta: Delta = None,
+    scheme: Scheme = "central",
+    *,
+    order: int | None = None,
+    has_aux: bool = False,
+    chunk_size: int | None = None,
+    randomness: Randomness = "error",
+    strategy: Strategy = "vmap",
+) -> Callable[P, tuple[Any, ...]]:
     """A Richardson-extrapolated Jacobian, with a per-entry estimate of its error.
 
     ``func`` is evaluated once, at the stencil points for the steps ``h`` and
@@ -271,7 +316,7 @@ def jacfd_with_error(
     ]
 
     @wraps(func)
-    def jacobian_with_error(*args: Any, **kwargs: Any) -> Any:
+    def jacobian_with_error(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
         call = prepare(func, args, kwargs, options)
         columns = coordinate_columns(
             call, options, offsets, contractions, need_center=bool(extrapolated.center_weight)

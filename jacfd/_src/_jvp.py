@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -13,6 +13,51 @@ from ._engine import check_options, coordinate_columns, prepare
 from ._evaluate import Batched, Randomness, Strategy
 from ._layout import Contraction
 from ._stencil import Scheme
+
+
+@overload
+def jvpfd(
+    func: Callable[..., Any],
+    primals: tuple[Any, ...],
+    tangents: tuple[Any, ...],
+    *,
+    delta: float | None = None,
+    scheme: Scheme = "central",
+    order: int | None = None,
+    has_aux: Literal[False] = False,
+    randomness: Randomness = "error",
+    strategy: Strategy = "vmap",
+) -> tuple[Any, Any]: ...
+
+
+@overload
+def jvpfd(
+    func: Callable[..., Any],
+    primals: tuple[Any, ...],
+    tangents: tuple[Any, ...],
+    *,
+    delta: float | None = None,
+    scheme: Scheme = "central",
+    order: int | None = None,
+    has_aux: Literal[True],
+    randomness: Randomness = "error",
+    strategy: Strategy = "vmap",
+) -> tuple[Any, Any, Any]: ...
+
+
+@overload
+def jvpfd(
+    func: Callable[..., Any],
+    primals: tuple[Any, ...],
+    tangents: tuple[Any, ...],
+    *,
+    delta: float | None = None,
+    scheme: Scheme = "central",
+    order: int | None = None,
+    has_aux: bool = False,
+    randomness: Randomness = "error",
+    strategy: Strategy = "vmap",
+) -> tuple[Any, ...]: ...
 
 
 def jvpfd(

@@ -27,14 +27,14 @@ from ._engine import (
     with_output_precision,
 )
 from ._evaluate import Randomness, Strategy, evaluate
-from ._inputs import Argnums, wraps
+from ._inputs import Argnums, P, wraps
 from ._layout import Contraction, to_hessian_layout, to_torch_func_layout
 from ._stencil import Scheme
 from ._steps import NOISE_EXPONENT, Delta
 
 
 def hessdiagfd(
-    func: Callable[..., Any],
+    func: Callable[P, Any],
     argnums: Argnums = 0,
     delta: Delta = None,
     scheme: Scheme = "central",
@@ -44,7 +44,7 @@ def hessdiagfd(
     chunk_size: int | None = None,
     randomness: Randomness = "error",
     strategy: Strategy = "vmap",
-) -> Callable[..., Any]:
+) -> Callable[P, Any]:
     """The Hessian's diagonal ``d²f/dx_i²`` for every input element, in O(n) evaluations.
 
     Second differences ``(f(x+h e_i) - 2 f(x) + f(x-h e_i)) / h**2`` (or higher
@@ -101,7 +101,7 @@ def hessdiagfd(
 
 
 def laplacianfd(
-    func: Callable[..., Any],
+    func: Callable[P, Any],
     argnums: Argnums = 0,
     delta: Delta = None,
     scheme: Scheme = "central",
@@ -111,7 +111,7 @@ def laplacianfd(
     chunk_size: int | None = None,
     randomness: Randomness = "error",
     strategy: Strategy = "vmap",
-) -> Callable[..., Any]:
+) -> Callable[P, Any]:
     """The Laplacian ``sum_i d²f/dx_i²`` over every differentiated input element.
 
     The trace of the Hessian from the same ``2n + 1`` evaluations as
@@ -175,7 +175,7 @@ def _diagonal_transform(
 
 
 def hessfd(
-    func: Callable[..., Any],
+    func: Callable[P, Any],
     argnums: Argnums = 0,
     delta: Delta = None,
     scheme: Scheme = "central",
@@ -184,7 +184,7 @@ def hessfd(
     chunk_size: int | None = None,
     randomness: Randomness = "error",
     strategy: Strategy = "vmap",
-) -> Callable[..., Any]:
+) -> Callable[P, Any]:
     """The Hessian of ``func`` from second-difference stencils, laid out like
     ``torch.func.hessian``.
 
