@@ -1,6 +1,12 @@
 """jacfd: finite-difference Jacobians that compose with ``torch.func``."""
 
-from ._src._check import GradCheckError, GradCheckReport, check_grad
+from ._src._check import (
+    GradCheckEntry,
+    GradCheckError,
+    GradCheckPair,
+    GradCheckReport,
+    check_grad,
+)
 from ._src._evaluate import Batched
 from ._src._jacfd import jacfd, jacfd_with_error
 from ._src._jvp import jvpfd
@@ -15,7 +21,9 @@ from ._src._second import hessdiagfd, hessfd, laplacianfd
 
 __all__ = [
     "Batched",
+    "GradCheckEntry",
     "GradCheckError",
+    "GradCheckPair",
     "GradCheckReport",
     "SparsityReport",
     "banded_pattern",
@@ -34,7 +42,9 @@ __version__ = "0.1.0"
 
 for _public in (
     Batched,
+    GradCheckEntry,
     GradCheckError,
+    GradCheckPair,
     GradCheckReport,
     SparsityReport,
     banded_pattern,

@@ -65,7 +65,20 @@ class GradCheckError(AssertionError):
 
 @dataclass(frozen=True)
 class GradCheckEntry:
-    """One Jacobian entry: ``d output[output_index] / d input[input_index]``."""
+    """One Jacobian entry, ``d output[output_index] / d input[input_index]``, as
+    both sides computed it.
+
+    In a report decided along random directions (``report.directions > 0``) it
+    is entry ``output_index`` of ``J @ u`` instead, ``u`` being direction
+    ``input_index[0]``.
+
+    Attributes:
+        output_index: The index into the output leaf.
+        input_index: The index into the input leaf (or the direction).
+        autograd: Autograd's value.
+        finite_difference: jacfd's value.
+        tolerance: What the two may differ by (see :func:`check_grad`).
+    """
 
     output_index: tuple[int, ...]
     input_index: tuple[int, ...]
@@ -75,10 +88,12 @@ class GradCheckEntry:
 
     @property
     def error(self) -> float:
+        """``|autograd - finite_difference|``."""
         return abs(self.autograd - self.finite_difference)
 
     @property
     def failed(self) -> bool:
+        """``error > tolerance``, or either value NaN."""
         return not self.error <= self.tolerance
 
     @property
@@ -91,12 +106,19 @@ class GradCheckEntry:
 class GradCheckPair:
     """The comparison for one output leaf and one differentiated input leaf.
 
-    ``output`` and ``input`` name the leaves by pytree key path: ``out`` for a
-    tensor result, ``out[1]`` or ``out['loss']`` inside a pytree; ``args[0]`` for
-    a differentiated tensor argument, ``args[0]['weight']`` inside one.
-    ``max_rel_error`` divides by ``max(|autograd|, |finite difference|)`` per
-    entry (0 where both are 0). ``worst`` holds the entries with the largest
-    error-to-tolerance ratios, worst first.
+    Attributes:
+        output: The output leaf's pytree key path: ``out`` for a tensor result,
+            ``out[1]`` or ``out['loss']`` inside a pytree.
+        input: The input leaf's: ``args[0]`` for a differentiated tensor
+            argument, ``args[0]['weight']`` inside one.
+        shape: The Jacobian block's shape, ``output.shape + input.shape`` (or
+            ``output.shape + (directions,)`` for ``J @ u``).
+        max_abs_error: The largest ``|autograd - finite difference|``.
+        max_rel_error: The largest of the same divided by
+            ``max(|autograd|, |finite difference|)`` (0 where both are 0).
+        failures: How many entries exceed their tolerance.
+        worst: The entries with the largest error-to-tolerance ratios, worst
+            first (at most five).
     """
 
     output: str
@@ -109,16 +131,28 @@ class GradCheckPair:
 
     @property
     def passed(self) -> bool:
+        """No entry exceeds its tolerance."""
         return self.failures == 0
 
 
 @dataclass(frozen=True)
 class GradCheckReport:
-    """The result of :func:`check_grad`: one :class:`GradCheckPair` per
-    output/input leaf pair, in ``torch.func.jacrev``'s order (output-major).
+    """The result of :func:`check_grad`.
 
     ``str(report)`` is a table of the pairs followed by the worst entries of the
     failing pairs (or of the pair closest to failing, if every entry passed).
+
+    Attributes:
+        pairs: One :class:`GradCheckPair` per output/input leaf pair, in
+            ``torch.func.jacrev``'s order (output-major).
+        mode: The autograd mode checked, ``"reverse"`` or ``"forward"``.
+        scheme: The finite-difference scheme.
+        safety: The multiple of the error estimate allowed.
+        directions: 0 when every entry was compared. Otherwise ``J @ u`` agreed
+            along this many random directions ``u`` per input leaf, within
+            ``safety / 4``, and each pair's errors and entries are those of
+            ``J @ u``: an entry's ``input_index`` is ``(direction,)``. (When
+            ``J @ u`` disagrees, every entry is compared.)
     """
 
     pairs: tuple[GradCheckPair, ...]
@@ -126,11 +160,6 @@ class GradCheckReport:
     scheme: str
     safety: float
     directions: int = 0
-    """0 when every entry was compared. Otherwise ``J @ u`` agreed along this
-    many random directions ``u`` per input leaf, within ``safety / 4``, and each
-    pair's errors and entries are those of ``J @ u``: an entry's
-    ``input_index`` is ``(direction,)``. (When ``J @ u`` disagrees, every entry
-    is compared.)"""
 
     @property
     def passed(self) -> bool:
