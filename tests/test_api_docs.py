@@ -68,3 +68,23 @@ def test_returns_sections_are_one_item() -> None:
         indent = len(body[0]) - len(body[0].lstrip())
         flush = [line for line in body[1:] if len(line) - len(line.lstrip()) <= indent]
         assert not flush, f"{name}'s Returns: indent these continuation lines: {flush}"
+
+
+def test_every_public_function_has_a_runnable_example() -> None:
+    """Examples run as doctests (``--doctest-modules``); the result classes are
+    shown in their functions' examples instead."""
+    import inspect
+
+    results = {
+        "GradCheckEntry",
+        "GradCheckError",
+        "GradCheckPair",
+        "GradCheckReport",
+        "SparsityReport",
+    }
+    missing = [
+        name
+        for name in sorted(set(jacfd.__all__) - results)
+        if ">>> " not in (inspect.getdoc(getattr(jacfd, name)) or "")
+    ]
+    assert not missing, f"add an Examples: section to {missing}"

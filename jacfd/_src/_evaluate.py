@@ -56,6 +56,17 @@ class Batched:
         others: What happens to the tensors of non-differentiated arguments and
             keyword arguments: ``"broadcast"`` (default) passes them unchanged;
             ``"repeat"`` gives them the batch axis too (expanded, not copied).
+
+    Examples:
+        >>> import torch
+        >>> from jacfd import Batched, jacfd
+        >>> def batch_only(x):  # (batch, 3) -> (batch, 2), and nothing else
+        ...     assert x.dim() == 2
+        ...     return torch.stack([x[:, 0] * x[:, 1], x[:, 2].sin()], dim=1)
+        >>> x = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64)  # a batch of one
+        >>> J = jacfd(batch_only, strategy=Batched(existing=True))(x)  # points along dim 0
+        >>> J.shape
+        torch.Size([1, 2, 1, 3])
     """
 
     dim: int = 0
