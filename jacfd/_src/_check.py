@@ -548,16 +548,13 @@ class _Point:
     def rows(self, blocks: list[torch.Tensor], in_dim: int | None = None) -> list[torch.Tensor]:
         """Per output leaf, ``sum_k block[..., k]`` over every input element ``k``
         (the last ``in_dim`` dims of a block; default: the input leaf's)."""
-        rows = []
-        for o in range(len(self.out_names)):
-            total: torch.Tensor | float = 0.0
-            for i in range(len(self.leaves)):
-                block = blocks[o * len(self.leaves) + i].to(torch.float64)
-                dims = self.leaves[i].dim() if in_dim is None else in_dim
-                total = total + block.reshape(*block.shape[: block.dim() - dims], -1).sum(-1)
-            assert isinstance(total, torch.Tensor)
-            rows.append(total)
-        return rows
+        sums = []
+        for (_, i), block in zip(self.pair_indices(), blocks):
+            dims = self.leaves[i].dim() if in_dim is None else in_dim
+            out_shape = block.shape[: block.dim() - dims]
+            sums.append(block.to(torch.float64).reshape(*out_shape, -1).sum(-1))
+        n_in = len(self.leaves)
+        return [torch.stack(sums[o : o + n_in]).sum(0) for o in range(0, len(sums), n_in)]
 
     def flat_outputs(self, *leaves: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``func``'s output leaves, checked and named, for autograd."""
@@ -640,7 +637,9 @@ class _Point:
         flat blocks output-major; without a ``strategy``, vmap first and a plain
         loop if func cannot run under vmap."""
 
-        def run(f: Callable[..., Any], chosen: Strategy) -> tuple[list[torch.Tensor], ...]:
+        def run(
+            f: Callable[..., Any], chosen: Strategy
+        ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
             g = wrap(lambda *leaves: self.call(f, leaves))
             if hasattr(self.func, NOISE_EXPONENT):  # func made by jacfd: its precision
                 setattr(g, NOISE_EXPONENT, getattr(self.func, NOISE_EXPONENT))
@@ -651,19 +650,16 @@ class _Point:
 
         with torch.no_grad():
             if strategy is not None:
-                jac, err = run(self.func, strategy)
-                return jac, err
+                return run(self.func, strategy)
             for candidate in (_forward_of(self.func), self.func):
                 if candidate is None:
                     continue
                 try:
-                    jac, err = run(candidate, "vmap")
-                    return jac, err
+                    return run(candidate, "vmap")
                 except RuntimeError as error:
                     if "vmap" not in str(error):
                         raise
-            jac, err = run(self.func, "loop")
-            return jac, err
+            return run(self.func, "loop")
 
 
 class _Context:
