@@ -7,7 +7,6 @@ from ._src._check import (
     GradCheckReport,
     check_grad,
 )
-from ._src._evaluate import Batched
 from ._src._jacfd import jacfd, jacfd_with_error
 from ._src._jvp import jvpfd
 from ._src._patterns import (
@@ -18,6 +17,7 @@ from ._src._patterns import (
     diagonal_pattern,
 )
 from ._src._second import hessdiagfd, hessfd, laplacianfd
+from ._src._strategy import Batched
 
 __all__ = [
     "Batched",

@@ -18,12 +18,13 @@ from torch.utils._pytree import (
     tree_unflatten,
 )
 
-from ._engine import Options, check_options
-from ._evaluate import Batched, Strategy
 from ._inputs import Argnums, normalize_argnums
 from ._jacfd import jacfd_with_error
+from ._plan import Options, check_options
 from ._stencil import Scheme
 from ._steps import NOISE_EXPONENT
+from ._strategy import Batched
+from ._strategy import StrategyOption as Strategy
 
 Mode = Literal["reverse", "forward"]
 
@@ -345,14 +346,14 @@ def check_grad(
     options = check_options(
         name,
         func,
-        argnums,
-        None,
-        scheme,
-        order,
-        False,
-        None,
-        "error",
-        "vmap" if strategy is None else strategy,
+        argnums=argnums,
+        delta=None,
+        scheme=scheme,
+        order=order,
+        has_aux=False,
+        chunk_size=None,
+        randomness="error",
+        strategy="vmap" if strategy is None else strategy,
     )
     if mode not in ("reverse", "forward"):
         raise ValueError(f"{name}(func, mode={mode!r}): mode must be 'reverse' or 'forward'.")

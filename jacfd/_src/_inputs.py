@@ -68,11 +68,8 @@ def normalize_argnums(name: str, argnums: Argnums, num_args: int) -> tuple[int, 
     return tuple(wrapped)
 
 
-def flatten_primals(
-    name: str, args: tuple[Any, ...], argnums: tuple[int, ...]
-) -> tuple[list[torch.Tensor], TreeSpec]:
-    """Flattens the differentiated arguments into real floating-point tensors."""
-    leaves, spec = tree_flatten(tuple(args[i] for i in argnums))
+def check_primals(name: str, leaves: list[Any], argnums: tuple[int, ...]) -> None:
+    """The differentiated arguments' leaves must be real floating-point tensors."""
     for leaf in leaves:
         if not isinstance(leaf, torch.Tensor):
             raise TypeError(
@@ -91,7 +88,6 @@ def flatten_primals(
                 f"{name}: differentiated arguments must have a real floating dtype, got a "
                 f"{kind} tensor of dtype {leaf.dtype}; {fix}."
             )
-    return leaves, spec
 
 
 def replace_primals(

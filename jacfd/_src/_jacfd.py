@@ -9,13 +9,17 @@ from typing import Any, Literal, overload
 import torch
 
 from ._coloring import color_columns
-from ._engine import check_options, coordinate_columns, prepare
-from ._evaluate import Batched, Merged, Randomness, Strategy
+from ._contract import Contraction
+from ._driver import run_points
 from ._inputs import Argnums, P, wraps
-from ._layout import Contraction, to_torch_func_layout
-from ._sparse import PerSample, Sparsity
+from ._layout import to_torch_func_layout
+from ._plan import Planner, check_options
+from ._random import Randomness
 from ._stencil import Scheme, richardson
-from ._steps import NOISE_EXPONENT, Delta
+from ._steps import Delta, mark_noise
+from ._strategy import Batched, FoldedBatch
+from ._strategy import StrategyOption as Strategy
+from ._structure import Dense, PerSample, Sparse, Structure
 
 ROUNDING_SAFETY = 4.0
 """Rounding error of one evaluation of f, in units of eps * |f|: a few ulps for
@@ -131,60 +135,52 @@ def jacfd(
         True
     """
     options = check_options(
-        "jacfd", func, argnums, delta, scheme, order, has_aux, chunk_size, randomness, strategy
+        "jacfd",
+        func,
+        argnums=argnums,
+        delta=delta,
+        scheme=scheme,
+        order=order,
+        has_aux=has_aux,
+        chunk_size=chunk_size,
+        randomness=randomness,
+        strategy=strategy,
     )
-    structure = _check_structure(sparsity, sparse_output, batch_dim, strategy)
-    if batch_dim is not None and strategy == "batched":
-        options = dataclasses.replace(options, strategy=Merged(batch_dim))
+    structure = _structure(sparsity, sparse_output, batch_dim, strategy)
+    if isinstance(structure, PerSample) and isinstance(options.strategy, Batched):
+        # Per-sample points are folded into func's own batch axis, not a new one.
+        folded = FoldedBatch(structure.batch_dim, options.strategy.others)
+        options = dataclasses.replace(options, strategy=folded)
+    return _transform(func, options, structure)
+
+
+def _transform(func: Callable[P, Any], options: Any, structure: Structure) -> Callable[P, Any]:
     stencil = options.stencil
     offsets = stencil.shifted_offsets
     contraction = Contraction.of(stencil, offsets)
-    single = isinstance(argnums, int)
+    with_center = contraction.needs_center or (options.has_aux and not stencil.imaginary)
+    planner = Planner(
+        func,
+        options,
+        lambda primals: structure.points(options, primals, offsets, [contraction], with_center),
+    )
 
     @wraps(func)
     def jacobian(*args: Any, **kwargs: Any) -> Any:
-        call = prepare(func, args, kwargs, options)
-        colors, num_colors = None, 0
-        if isinstance(structure, PerSample):
-            colors, num_colors = structure.colors("jacfd", call.primals)
-        elif isinstance(structure, Sparsity):
-            structure.check("jacfd", 1, call.num_coordinates)
-            colors, num_colors = structure.coloring.colors, structure.coloring.num_colors
-        columns = coordinate_columns(
-            call,
-            options,
-            offsets,
-            [contraction],
-            bool(stencil.center_weight),
-            colors,
-            num_colors,
-        )
-        blocks, out_spec = columns.blocks[0], columns.out_spec
-        if isinstance(structure, Sparsity):
-            structure.check("jacfd", 0, sum(block[0].numel() for block in blocks))
-            if sparse_output:
-                jac = structure.sparse(blocks, columns.steps)
-            else:
-                jac = structure.layout(
-                    blocks, columns.steps, out_spec, call.primals, call.spec, single
-                )
-        elif isinstance(structure, PerSample):
-            jac = structure.layout(
-                "jacfd", blocks, columns.steps, out_spec, call.primals, call.spec, single
-            )
-        else:
-            jac = to_torch_func_layout(blocks, out_spec, call.primals, call.spec, single)
-        return (jac, columns.aux) if has_aux else jac
+        call = planner.prepare(args, kwargs)
+        columns = run_points(call, options)
+        jac = structure.assemble(options, call, columns)
+        return (jac, columns.aux) if options.has_aux else jac
 
     # Values of this function are accurate to ~eps**(p/(p+q)) of func's own: a
     # jacfd around it reads this to size its step for that noise, not for eps.
-    setattr(jacobian, NOISE_EXPONENT, options.noise_exponent * stencil.accuracy_exponent)
+    mark_noise(jacobian, options.noise_exponent * stencil.accuracy_exponent)
     return jacobian
 
 
-def _check_structure(
+def _structure(
     sparsity: Any, sparse_output: object, batch_dim: object, strategy: object
-) -> Sparsity | PerSample | None:
+) -> Structure:
     """Validates the structure options, and colours a sparsity pattern once."""
     if not isinstance(sparse_output, bool):
         raise TypeError(f"jacfd(func, sparse_output): expected a bool, got {sparse_output!r}.")
@@ -207,7 +203,9 @@ def _check_structure(
                 "are folded into func's own batch axis; pass strategy='batched'."
             )
         return PerSample(batch_dim)
-    return None if sparsity is None else Sparsity(color_columns(sparsity))
+    if sparsity is None:
+        return Dense()
+    return Sparse(color_columns(sparsity), sparse_output)
 
 
 @overload
@@ -298,14 +296,14 @@ def jacfd_with_error(
     options = check_options(
         "jacfd_with_error",
         func,
-        argnums,
-        delta,
-        scheme,
-        order,
-        has_aux,
-        chunk_size,
-        randomness,
-        strategy,
+        argnums=argnums,
+        delta=delta,
+        scheme=scheme,
+        order=order,
+        has_aux=has_aux,
+        chunk_size=chunk_size,
+        randomness=randomness,
+        strategy=strategy,
     )
     extrapolated, spread = richardson(options.stencil)
     offsets = tuple(o for o in extrapolated.offsets if o != 0)
@@ -314,14 +312,21 @@ def jacfd_with_error(
         Contraction.of(spread, offsets),
         Contraction.of(extrapolated, offsets, absolute=True),
     ]
+    with_center = any(c.needs_center for c in contractions) or (
+        has_aux and not options.stencil.imaginary
+    )
+    dense = Dense()
+    planner = Planner(
+        func,
+        options,
+        lambda primals: dense.points(options, primals, offsets, contractions, with_center),
+    )
 
     @wraps(func)
     def jacobian_with_error(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
-        call = prepare(func, args, kwargs, options)
-        columns = coordinate_columns(
-            call, options, offsets, contractions, need_center=bool(extrapolated.center_weight)
-        )
-        jac_blocks, spread_blocks, magnitude_blocks = columns.blocks
+        call = planner.prepare(args, kwargs)
+        columns = run_points(call, options)
+        _, spread_blocks, magnitude_blocks = columns.blocks
         # The rounding of one evaluation, relative: eps of the coarser of input and output.
         input_eps = torch.cat(
             [
@@ -335,10 +340,10 @@ def jacfd_with_error(
             eps = (eps**options.noise_exponent).to(magnitude.device, magnitude.dtype)
             scale = eps.reshape(-1, *([1] * (magnitude.dim() - 1)))
             error_blocks.append(spread_block.abs() + ROUNDING_SAFETY * scale * magnitude)
-        single = isinstance(argnums, int)
-        jac = to_torch_func_layout(jac_blocks, columns.out_spec, call.primals, call.spec, single)
+        jac = dense.assemble(options, call, columns, 0)
+        plan = call.plan
         error = to_torch_func_layout(
-            error_blocks, columns.out_spec, call.primals, call.spec, single
+            error_blocks, columns.out_spec, plan.shapes, plan.spec, options.single_argnum
         )
         return (jac, error, columns.aux) if has_aux else (jac, error)
 

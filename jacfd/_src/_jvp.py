@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any, Literal, overload
 
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ._engine import check_options, coordinate_columns, prepare
-from ._evaluate import Batched, Randomness, Strategy
-from ._layout import Contraction
+from ._contract import Contraction
+from ._driver import run_points
+from ._plan import Planner, check_options
+from ._random import Randomness
 from ._stencil import Scheme
+from ._strategy import Batched
+from ._strategy import StrategyOption as Strategy
+from ._structure import Dense
 
 
 @overload
@@ -147,7 +150,7 @@ def jvpfd(
     if delta is not None:
         scale = torch.ones_like(scale)
 
-    def along(s: torch.Tensor) -> tuple[Any, Any]:
+    def along(s: torch.Tensor) -> Any:
         # Under strategy="batched", s is a batch of shifts: broadcast it along a
         # new leading axis of every primal.
         shift = s * scale
@@ -155,14 +158,20 @@ def jvpfd(
             p + (shift.reshape(s.shape + (1,) * p.dim()) * v).to(_step_dtype(p.dtype, shift))
             for p, v in zip(flat_primals, flat_tangents)
         ]
-        result = func(*tree_unflatten(point, spec))
-        out, aux = result if has_aux else (result, ())
-        return out, (out, aux)
+        return func(*tree_unflatten(point, spec))
 
     options = check_options(
-        "jvpfd", func, 0, delta, scheme, order, True, None, randomness, strategy
+        "jvpfd",
+        func,
+        argnums=0,
+        delta=delta,
+        scheme=scheme,
+        order=order,
+        has_aux=has_aux,
+        chunk_size=None,
+        randomness=randomness,
+        strategy=strategy,
     )
-    options = dataclasses.replace(options, has_aux=True)
     if isinstance(options.strategy, Batched) and (
         options.strategy.dim != 0 or options.strategy.existing
     ):
@@ -172,17 +181,31 @@ def jvpfd(
             "Batched(dim=0) (out_dim may differ)."
         )
     stencil = options.stencil
-    s0 = torch.zeros((), dtype=dtype, device=flat_primals[0].device)
-    call = prepare(along, (s0,), {}, options)
     offsets = stencil.shifted_offsets
-    columns = coordinate_columns(
-        call, options, offsets, [Contraction.of(stencil, offsets)], need_center=True
+    contraction = Contraction.of(stencil, offsets)
+    s0 = torch.zeros((), dtype=dtype, device=flat_primals[0].device)
+    # The centre is always evaluated: jvpfd returns func(*primals) itself.
+    planner = Planner(
+        along,
+        options,
+        lambda leaves: Dense().points(options, leaves, offsets, [contraction], True),
     )
-    out, aux = columns.aux  # func at the primals (a real point for the complex step too)
+    columns = run_points(planner.prepare((s0,), {}), options)
+    center = columns.center
+    if center is None:
+        raise AssertionError("the centre point was not evaluated")
+    out = tree_unflatten(center, columns.out_spec)
+    if stencil.imaginary:  # the complex points carry complex values: f at the real point
+        out = _real_value(func, primals, has_aux)
     derivative = tree_unflatten(
         [d[0] / scale.to(d.dtype) for d in columns.blocks[0]], columns.out_spec
     )
-    return (out, derivative, aux) if has_aux else (out, derivative)
+    return (out, derivative, columns.aux) if has_aux else (out, derivative)
+
+
+def _real_value(func: Callable[..., Any], primals: tuple[Any, ...], has_aux: bool) -> Any:
+    result = func(*primals)
+    return result[0] if has_aux else result
 
 
 def _step_dtype(primal: torch.dtype, shift: torch.Tensor) -> torch.dtype:

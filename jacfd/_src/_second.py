@@ -12,25 +12,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import torch
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_unflatten
 
-from ._engine import (
-    Call,
-    Options,
-    check_options,
-    coarser_output,
-    coordinate_columns,
-    make_rng,
-    prepare,
-    steps_for,
-    with_output_precision,
-)
-from ._evaluate import Randomness, Strategy, evaluate
+from ._contract import Contraction
+from ._driver import Columns, run_points
 from ._inputs import Argnums, P, wraps
-from ._layout import Contraction, to_hessian_layout, to_torch_func_layout
-from ._stencil import Scheme
-from ._steps import NOISE_EXPONENT, Delta
+from ._layout import to_hessian_layout
+from ._plan import Call, Options, Planner, check_options
+from ._points import MixedPoints
+from ._random import Randomness
+from ._stencil import Scheme, get_stencil
+from ._steps import Delta, mark_noise
+from ._strategy import StrategyOption as Strategy
+from ._structure import Dense
 
 
 def hessdiagfd(
@@ -80,23 +74,18 @@ def hessdiagfd(
     options = check_options(
         "hessdiagfd",
         func,
-        argnums,
-        delta,
-        scheme,
-        order,
-        has_aux,
-        chunk_size,
-        randomness,
-        strategy,
-        2,
+        argnums=argnums,
+        delta=delta,
+        scheme=scheme,
+        order=order,
+        has_aux=has_aux,
+        chunk_size=chunk_size,
+        randomness=randomness,
+        strategy=strategy,
+        derivative=2,
     )
-    single = isinstance(argnums, int)
     return _diagonal_transform(
-        func,
-        options,
-        lambda call, columns: to_torch_func_layout(
-            columns.blocks[0], columns.out_spec, call.primals, call.spec, single
-        ),
+        func, options, lambda call, columns: Dense().assemble(options, call, columns)
     )
 
 
@@ -135,15 +124,15 @@ def laplacianfd(
     options = check_options(
         "laplacianfd",
         func,
-        argnums,
-        delta,
-        scheme,
-        order,
-        has_aux,
-        chunk_size,
-        randomness,
-        strategy,
-        2,
+        argnums=argnums,
+        delta=delta,
+        scheme=scheme,
+        order=order,
+        has_aux=has_aux,
+        chunk_size=chunk_size,
+        randomness=randomness,
+        strategy=strategy,
+        derivative=2,
     )
     return _diagonal_transform(
         func,
@@ -155,22 +144,26 @@ def laplacianfd(
 
 
 def _diagonal_transform(
-    func: Callable[..., Any], options: Options, finish: Callable[[Call, Any], Any]
+    func: Callable[..., Any], options: Options, finish: Callable[[Call, Columns], Any]
 ) -> Callable[..., Any]:
     stencil = options.stencil
     offsets = stencil.shifted_offsets
     contraction = Contraction.of(stencil, offsets)
+    with_center = contraction.needs_center or options.has_aux
+    planner = Planner(
+        func,
+        options,
+        lambda primals: Dense().points(options, primals, offsets, [contraction], with_center),
+    )
 
     @wraps(func)
     def transformed(*args: Any, **kwargs: Any) -> Any:
-        call = prepare(func, args, kwargs, options)
-        columns = coordinate_columns(
-            call, options, offsets, [contraction], need_center=bool(stencil.center_weight)
-        )
+        call = planner.prepare(args, kwargs)
+        columns = run_points(call, options)
         result = finish(call, columns)
         return (result, columns.aux) if options.has_aux else result
 
-    setattr(transformed, NOISE_EXPONENT, options.noise_exponent * stencil.accuracy_exponent)
+    mark_noise(transformed, options.noise_exponent * stencil.accuracy_exponent)
     return transformed
 
 
@@ -180,6 +173,7 @@ def hessfd(
     delta: Delta = None,
     scheme: Scheme = "central",
     *,
+    order: int | None = None,
     has_aux: bool = False,
     chunk_size: int | None = None,
     randomness: Randomness = "error",
@@ -192,9 +186,12 @@ def hessfd(
     and ``f(x ± h_i e_i ± h_j e_j)`` for i < j: ``2 n**2 + 1`` evaluations.
     Forward (backward) differences use ``f(x)``, ``f(x + h_i e_i)`` and
     ``f(x + h_i e_i + h_j e_j)`` for i <= j: ``(n + 1)(n + 2) / 2`` evaluations,
-    error O(h). All points go to ``func`` in one vmap call, or in calls of at
-    most ``chunk_size`` points: for large ``n``, set ``chunk_size`` to bound
-    memory, since every point copies all ``n`` inputs.
+    error O(h). With ``order=p`` the mixed entries use the product of two
+    first-derivative stencils of order ``p`` and the diagonal the
+    second-derivative stencil of order ``p`` (about ``p**2 n**2 / 2`` points for
+    central differences). All points go to ``func`` in one vmap call, or in
+    calls of at most ``chunk_size`` points: for large ``n``, set ``chunk_size``
+    to bound memory, since every point copies all ``n`` inputs.
 
     Args:
         func: As in :func:`jacfd`.
@@ -203,6 +200,9 @@ def hessfd(
             for central and ``eps**(1/3) * max(1, |x|)`` for one-sided schemes;
             a float, tensor or pytree as in :func:`jacfd`.
         scheme: ``"central"`` (default), ``"forward"`` or ``"backward"``.
+        order: The power of h in the truncation error: 2 (default), 4, 6, 8 for
+            central; 1 (default) to 4 for one-sided schemes. The automatic
+            step is ``eps**(1/(p+2)) * max(1, |x|)`` times the stencil's constant.
         has_aux: As in :func:`jacfd`.
         chunk_size: As in :func:`jacfd`.
         randomness: As in :func:`jacfd`.
@@ -223,122 +223,37 @@ def hessfd(
         True
     """
     options = check_options(
-        "hessfd", func, argnums, delta, scheme, None, has_aux, chunk_size, randomness, strategy, 2
+        "hessfd",
+        func,
+        argnums=argnums,
+        delta=delta,
+        scheme=scheme,
+        order=order,
+        has_aux=has_aux,
+        chunk_size=chunk_size,
+        randomness=randomness,
+        strategy=strategy,
+        derivative=2,
     )
-    single = isinstance(argnums, int)
+    second = options.stencil
+    first = get_stencil(scheme, second.accuracy, 1)
+
+    def points(primals: list[Any]) -> tuple[MixedPoints, None]:
+        n = sum(leaf.numel() for leaf in primals)
+        device = primals[0].device
+        return MixedPoints(n, first, second, device, options.chunk_size), None
+
+    planner = Planner(func, options, points)
 
     @wraps(func)
     def hessian(*args: Any, **kwargs: Any) -> Any:
-        call = prepare(func, args, kwargs, options)
-        n = call.num_coordinates
-        plan = _MixedPoints(n, scheme, call.primals[0].device)
-        rng = make_rng(options, call, -(-plan.rows // (options.chunk_size or plan.rows)))
+        call = planner.prepare(args, kwargs)
+        columns = run_points(call, options)
+        plan = call.plan
+        result = to_hessian_layout(
+            columns.blocks[0], columns.out_spec, plan.shapes, plan.spec, options.single_argnum
+        )
+        return (result, columns.aux) if has_aux else result
 
-        def run(output_eps: float) -> tuple[list[torch.Tensor], Any, Any] | float:
-            steps = steps_for(call, options, output_eps)
-            h = torch.cat(steps) if len(steps) > 1 else steps[0]
-            outputs = evaluate(
-                call.at_point,
-                lambda start, stop: plan.build(call.primals, h, start, stop),
-                plan.rows,
-                options.chunk_size,
-                options.strategy,
-                options.randomness,
-                rng,
-                options.name,
-            )
-            flat_out, out_spec = tree_flatten(outputs[0])
-            coarser = coarser_output(call, flat_out, output_eps)
-            if coarser is not None:
-                return coarser
-            aux = tree_map(lambda value: value[0], outputs[1]) if options.has_aux else None
-            return [plan.reduce(values, h) for values in flat_out], out_spec, aux
-
-        blocks, out_spec, aux = with_output_precision(run)
-        result = to_hessian_layout(blocks, out_spec, call.primals, call.spec, single)
-        return (result, aux) if has_aux else result
-
-    setattr(hessian, NOISE_EXPONENT, options.noise_exponent * options.stencil.accuracy_exponent)
+    mark_noise(hessian, options.noise_exponent * second.accuracy_exponent)
     return hessian
-
-
-class _MixedPoints:
-    """The points of the 2-D stencils, each ``x + m1 h_c1 e_c1 + m2 h_c2 e_c2``.
-
-    Rows, for central differences: the centre; ``+h_i e_i``; ``-h_i e_i``; then
-    for each pair i < j the four sign patterns (++, +-, -+, --). For one-sided
-    differences with sign s: the centre; ``s h_i e_i``; then for each pair
-    i <= j, ``s (h_i e_i + h_j e_j)``. Only static index arithmetic is used, so
-    the tables trace under ``torch.compile``.
-    """
-
-    def __init__(self, n: int, scheme: str, device: torch.device) -> None:
-        self.n, self.central = n, scheme == "central"
-        index = torch.arange(n, device=device)
-        zero = torch.zeros(1, dtype=torch.long, device=device)
-        ones = torch.ones(n, dtype=torch.long, device=device)
-        if self.central:
-            self.pairs = torch.triu_indices(n, n, 1, device=device)
-            m = self.pairs.shape[1]
-            sign1 = torch.tensor([1, 1, -1, -1], device=device).repeat(m)
-            sign2 = torch.tensor([1, -1, 1, -1], device=device).repeat(m)
-            self.c1 = torch.cat([zero, index, index, self.pairs[0].repeat_interleave(4)])
-            self.m1 = torch.cat([zero, ones, -ones, sign1])
-            self.c2 = torch.cat([zero, 0 * index, 0 * index, self.pairs[1].repeat_interleave(4)])
-            self.m2 = torch.cat([zero, 0 * ones, 0 * ones, sign2])
-        else:
-            sign = 1 if scheme == "forward" else -1
-            self.pairs = torch.triu_indices(n, n, 0, device=device)
-            both = sign * torch.ones(self.pairs.shape[1], dtype=torch.long, device=device)
-            self.c1 = torch.cat([zero, index, self.pairs[0]])
-            self.m1 = torch.cat([zero, sign * ones, both])
-            self.c2 = torch.cat([zero, 0 * index, self.pairs[1]])
-            self.m2 = torch.cat([zero, 0 * ones, both])
-        self.rows = self.c1.numel()
-
-    def build(
-        self, primals: list[torch.Tensor], h: torch.Tensor, start: int, stop: int
-    ) -> tuple[list[torch.Tensor], list[int | None]]:
-        """The leaves at rows ``start:stop``, perturbed on one flat vector."""
-        dtype = h.dtype
-        flat = torch.cat([p.reshape(-1).to(dtype) for p in primals])
-        batch = flat.expand(stop - start, self.n).clone(memory_format=torch.contiguous_format)
-        base = torch.arange(stop - start, device=flat.device) * self.n
-        for coord, multiple in ((self.c1, self.m1), (self.c2, self.m2)):
-            c, m = coord[start:stop], multiple[start:stop]
-            batch.view(-1).index_add_(0, base + c, m.to(dtype) * h[c])
-        leaves, first = [], 0
-        for p in primals:
-            part = batch[:, first : first + p.numel()]
-            leaves.append(
-                torch.unflatten(part, 1, p.shape).to(p.dtype)
-                if p.dim()
-                else part[:, 0].to(p.dtype)
-            )
-            first += p.numel()
-        return leaves, [0] * len(leaves)
-
-    def reduce(self, values: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """``(rows, *out)`` values -> the ``(n, n, *out)`` Hessian blocks."""
-        n, out_shape = self.n, values.shape[1:]
-        f = values.reshape(self.rows, -1)
-        h = h.to(f.real.dtype if f.is_complex() else f.dtype)[:, None]
-        center, i, j = f[0], self.pairs[0], self.pairs[1]
-        index = torch.arange(n, device=f.device)
-        if self.central:
-            plus, minus = f[1 : 1 + n], f[1 + n : 1 + 2 * n]
-            diagonal = ((plus - center) + (minus - center)) / (h * h)
-            quad = torch.unflatten(f[1 + 2 * n :], 0, (-1, 4))
-            mixed = ((quad[:, 0] - quad[:, 1]) - (quad[:, 2] - quad[:, 3])) / (4 * h[i] * h[j])
-            positions = torch.cat([index * (n + 1), i * n + j, j * n + i])
-            entries = torch.cat([diagonal, mixed, mixed])
-        else:
-            single, pair = f[1 : 1 + n], f[1 + n :]
-            upper = ((pair - single[i]) - (single[j] - center)) / (h[i] * h[j])
-            # The pairs i < j, located in the row-major i <= j order without masks.
-            below, above = torch.triu_indices(n, n, 1, device=f.device)
-            strict = below * n - below * (below - 1) // 2 + (above - below)
-            positions = torch.cat([i * n + j, above * n + below])
-            entries = torch.cat([upper, upper[strict]])
-        hessian = torch.zeros(n * n, f.shape[1], dtype=f.dtype, device=f.device)
-        return hessian.index_copy(0, positions, entries).reshape(n, n, *out_shape)

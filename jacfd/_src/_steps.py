@@ -10,6 +10,7 @@ not the distance actually travelled.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, TypeAlias
 
 import torch
@@ -26,6 +27,16 @@ StepSpec: TypeAlias = "float | torch.Tensor | None"
 NOISE_EXPONENT = "_jacfd_noise_exponent"
 """Attribute of a function made by jacfd: its values are accurate to about
 ``eps**exponent`` relative, which is what a jacfd around it must step against."""
+
+
+def mark_noise(fn: Callable[..., Any], exponent: float) -> None:
+    """Marks a function made by jacfd: its values are accurate to ~eps**exponent."""
+    setattr(fn, NOISE_EXPONENT, exponent)
+
+
+def noise_of(func: Callable[..., Any]) -> float:
+    """The noise exponent of func's values: 1 for an ordinary function."""
+    return float(getattr(func, NOISE_EXPONENT, 1.0))
 
 
 def check_delta(name: str, delta: Delta) -> Delta:
@@ -93,12 +104,14 @@ def match_delta(
     for step, leaf in zip(steps, leaves):
         if isinstance(step, torch.Tensor):
             try:
-                torch.broadcast_shapes(step.shape, leaf.shape)
+                fits = torch.broadcast_shapes(step.shape, leaf.shape) == leaf.shape
             except RuntimeError:
+                fits = False
+            if not fits:
                 raise ValueError(
                     f"{name}(func, delta): a delta tensor of shape {tuple(step.shape)} does "
                     f"not broadcast to its argument of shape {tuple(leaf.shape)}."
-                ) from None
+                )
     return steps
 
 

@@ -1,0 +1,250 @@
+"""Options and plans: everything decided before func is evaluated.
+
+``check_options`` validates a transform's options once, when it is built.
+:class:`Planner` then decides, once per *call signature* (argnums, pytree
+structure, shapes, dtypes, devices, requires_grad), everything that does not
+depend on the values: the differentiated leaves, the step specifications, the
+point set with its chunks, colours and layout. A call only flattens its
+arguments, looks its plan up, and evaluates.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_map_only
+
+from ._inputs import (
+    Argnums,
+    check_argnums,
+    check_callable,
+    check_primals,
+    normalize_argnums,
+    replace_primals,
+    split_output,
+)
+from ._points import PointSet
+from ._random import RANDOMNESS, Randomness
+from ._stencil import Stencil, resolve_stencil
+from ._steps import Delta, StepSpec, check_delta, match_delta, noise_of
+from ._strategy import Strategy, resolve_strategy
+
+PLAN_CACHE_SIZE = 32
+"""Plans kept per transform: one per call signature seen, the oldest dropped."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """A transform's validated options."""
+
+    name: str
+    """The public transform the user called, for error messages."""
+    argnums: Argnums
+    delta: Delta
+    stencil: Stencil
+    """The stencil whose step rule applies (extra contractions may use others)."""
+    has_aux: bool
+    chunk_size: int | None
+    randomness: Randomness
+    strategy: Strategy
+    noise_exponent: float
+    """func's values are accurate to ~eps**noise_exponent: 1, or less if func was
+    itself made by jacfd."""
+
+    @property
+    def single_argnum(self) -> bool:
+        return isinstance(self.argnums, int)
+
+
+def check_options(
+    name: str,
+    func: Callable[..., Any],
+    *,
+    argnums: Argnums,
+    delta: Delta,
+    scheme: str,
+    order: int | None,
+    has_aux: bool,
+    chunk_size: int | None,
+    randomness: Randomness,
+    strategy: object = "vmap",
+    derivative: int = 1,
+) -> Options:
+    """Validates the options at run time too: callers need not be type-checked."""
+    check_callable(name, func)
+    check_argnums(name, argnums)
+    stencil = resolve_stencil(name, scheme, order, derivative)
+    delta = check_delta(name, delta)
+    if chunk_size is not None:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+            raise TypeError(
+                f"{name}(func, chunk_size): chunk_size must be None or a positive int, "
+                f"got {type(chunk_size).__name__}."
+            )
+        if chunk_size <= 0:
+            raise ValueError(
+                f"{name}(func, chunk_size={chunk_size}): chunk_size must be positive; use "
+                "chunk_size=None for one vmap call, or chunk_size=1 for a plain loop "
+                "without vmap."
+            )
+    if randomness not in RANDOMNESS:
+        raise ValueError(
+            f"{name}(func, randomness={randomness!r}): unknown randomness; choose one of "
+            f"{RANDOMNESS} (as in torch.func.vmap)."
+        )
+    if not isinstance(has_aux, bool):
+        raise TypeError(f"{name}(func, has_aux): has_aux must be a bool, got {has_aux!r}.")
+    return Options(
+        name,
+        argnums,
+        delta,
+        stencil,
+        has_aux,
+        chunk_size,
+        randomness,
+        resolve_strategy(name, strategy, chunk_size, randomness),
+        noise_of(func),
+    )
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one call signature decides. Holds no tensor of the caller's."""
+
+    argnums: tuple[int, ...]
+    spec: TreeSpec
+    """The differentiated arguments' structure (a tuple over argnums)."""
+    bare: bool
+    """Every differentiated argument is a tensor, not a pytree of them."""
+    shapes: list[torch.Size]
+    step_specs: list[StepSpec]
+    points: PointSet
+    calls: int
+    """How many calls of func the point set takes."""
+    shares_leaves: bool
+    """Some calls get an unperturbed differentiated leaf as it is (not copied)."""
+    extra: Any = None
+    """What the structure decided for this signature (e.g. the batch size)."""
+
+
+@dataclass
+class Call:
+    """One call: its plan, its differentiated leaves, and func as a function of them."""
+
+    plan: Plan
+    primals: list[torch.Tensor]
+    at_point: Callable[..., tuple[Any, ...]]
+    """The leaves -> ``(out,)`` or ``(out, aux)``, checked; the keyword
+    ``others`` maps the tensors of the non-differentiated arguments."""
+
+
+PointsFactory = Callable[[list[torch.Tensor]], "tuple[PointSet, Any]"]
+"""The differentiated leaves (only their shapes, dtypes and devices are read) ->
+the point set and the structure's per-signature data."""
+
+
+class Planner:
+    """Makes the calls of one transform, with a bounded, thread-safe plan cache."""
+
+    def __init__(self, func: Callable[..., Any], options: Options, points: PointsFactory) -> None:
+        self.func, self.options, self.make_points = func, options, points
+        self._plans: dict[Any, Plan] = {}
+        self._lock = threading.Lock()
+
+    def prepare(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
+        options = self.options
+        argnums = _wrap(options.argnums, len(args))
+        selected = [args[i] for i in argnums] if argnums is not None else None
+        if selected is not None and all(type(a) is torch.Tensor for a in selected):
+            primals: list[torch.Tensor] = selected
+            key: Any = (
+                len(args),
+                *[(a.shape, a.dtype, a.device, a.requires_grad) for a in selected],
+            )
+        else:  # pytrees, tensor subclasses, or argnums out of range: the general path
+            argnums = normalize_argnums(options.name, options.argnums, len(args))
+            primals, spec = tree_flatten(tuple(args[i] for i in argnums))
+            check_primals(options.name, primals, argnums)
+            key = (
+                len(args),
+                spec,
+                *[(a.shape, a.dtype, a.device, a.requires_grad) for a in primals],
+            )
+        if torch.compiler.is_compiling():  # no lock or cache inside a traced graph
+            plan = self._plan(args, primals)
+        else:
+            cached = self._plans.get(key)
+            if cached is None:
+                plan = self._plan(args, primals)
+                with self._lock:
+                    if len(self._plans) >= PLAN_CACHE_SIZE:
+                        self._plans.pop(next(iter(self._plans)))
+                    self._plans[key] = plan
+            else:
+                plan = cached
+        return Call(plan, primals, self._at_point(plan, args, kwargs))
+
+    def _plan(self, args: tuple[Any, ...], primals: list[torch.Tensor]) -> Plan:
+        options, name = self.options, self.options.name
+        argnums = normalize_argnums(name, options.argnums, len(args))
+        _, spec = tree_flatten(tuple(args[i] for i in argnums))
+        check_primals(name, primals, argnums)
+        for leaf in primals:
+            options.strategy.check_leaf(name, leaf)
+        points, extra = self.make_points(primals)
+        calls = sum(
+            options.strategy.calls(points.rows(c), options.chunk_size) for c in points.chunks
+        )
+        return Plan(
+            argnums,
+            spec,
+            all(isinstance(args[i], torch.Tensor) for i in argnums),
+            [p.shape for p in primals],
+            match_delta(name, options.delta, primals, spec),
+            points,
+            calls,
+            len(primals) > 1 and getattr(points, "shares_leaves", False),
+            extra,
+        )
+
+    def _at_point(
+        self, plan: Plan, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Callable[..., tuple[Any, ...]]:
+        func, name, has_aux = self.func, self.options.name, self.options.has_aux
+        argnums = plan.argnums
+
+        def at_point(
+            *leaves: torch.Tensor, others: Callable[[torch.Tensor], torch.Tensor] | None = None
+        ) -> tuple[Any, ...]:
+            call_args, call_kwargs = args, kwargs
+            if others is not None:
+                call_args = tuple(
+                    arg if i in argnums else tree_map_only(torch.Tensor, others, arg)
+                    for i, arg in enumerate(args)
+                )
+                call_kwargs = tree_map_only(torch.Tensor, others, kwargs)
+            if plan.bare:  # the common case: no pytree round trip for each point
+                new_args = list(call_args)
+                for argnum, leaf in zip(argnums, leaves):
+                    new_args[argnum] = leaf
+                result = func(*new_args, **call_kwargs)
+            else:
+                result = func(
+                    *replace_primals(call_args, argnums, leaves, plan.spec), **call_kwargs
+                )
+            out, aux = split_output(name, result, has_aux)
+            return (out, aux) if has_aux else (out,)
+
+        return at_point
+
+
+def _wrap(argnums: Argnums, num_args: int) -> tuple[int, ...] | None:
+    """argnums wrapped against the call, or None if one is out of range."""
+    requested = argnums if isinstance(argnums, tuple) else (argnums,)
+    if not all(-num_args <= a < num_args for a in requested):
+        return None
+    return tuple(a % num_args for a in requested)
