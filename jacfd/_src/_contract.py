@@ -95,11 +95,11 @@ def contract(
 
     diffs = [(value(k) - value(m) if m != NONE else value(k), w) for k, m, w in contraction.terms]
     first = diffs[0][0]
-    real_dtype = first.real.dtype if first.is_complex() else first.dtype
     if steps is None:
-        h = torch.ones((), dtype=real_dtype, device=first.device)
+        h = torch.ones((), dtype=first.dtype, device=first.device)
     else:
-        h = steps.to(real_dtype).reshape(-1, *([1] * (first.dim() - 1)))
+        h = steps if steps.dtype == first.dtype else steps.to(first.dtype)
+        h = h.view(-1, *(1,) * (first.dim() - 1)) if first.dim() > 1 else h
         h = h**contraction.derivative if contraction.derivative > 1 else h
     if contraction.magnitude:
         # The weights differ only in sign: sum the differences with signs and divide

@@ -20,6 +20,8 @@ from ._random import rng_for
 from ._steps import exact_steps
 from ._strategy import evaluate
 
+_LEAF = tree_flatten(torch.empty(0))[1]
+
 COMPLEX_HINT = (
     "The complex step evaluates func at x + ih, so func must accept complex tensors "
     "and be real-analytic: no relu, abs, max, comparisons or float-only ops, and "
@@ -111,10 +113,17 @@ def _run(call: Call, options: Options, output_eps: float) -> Columns:
                 f"{where}(func, scheme='complex'): func failed on complex input: {cause}\n"
                 f"{COMPLEX_HINT}"
             ) from cause
-        flat_out, spec = tree_flatten(outputs[0])
+        out = outputs[0] if options.has_aux else outputs
+        if type(out) is torch.Tensor:
+            flat_out, spec = [out], _LEAF
+        else:
+            flat_out, spec = tree_flatten(out)
         if out_spec is None:
             out_spec = spec
-            _check_outputs(call, options, flat_out, output_eps)
+            dtypes = [value.dtype for value in flat_out]
+            if dtypes != plan.checked_dtypes.get(output_eps):
+                _check_outputs(call, options, flat_out, output_eps)
+                plan.checked_dtypes[output_eps] = dtypes
         if chunk.with_center:
             center = [value[0] for value in flat_out]
             flat_out = [value[1:] for value in flat_out]

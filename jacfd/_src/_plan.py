@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -129,6 +129,8 @@ class Plan:
     """Some calls get an unperturbed differentiated leaf as it is (not copied)."""
     extra: Any = None
     """What the structure decided for this signature (e.g. the batch size)."""
+    checked_dtypes: dict[float, list[torch.dtype]] = field(default_factory=dict)
+    """Output dtypes already checked (per output precision): not checked again."""
 
 
 @dataclass
@@ -137,8 +139,8 @@ class Call:
 
     plan: Plan
     primals: list[torch.Tensor]
-    at_point: Callable[..., tuple[Any, ...]]
-    """The leaves -> ``(out,)`` or ``(out, aux)``, checked; the keyword
+    at_point: Callable[..., Any]
+    """The leaves -> ``out``, or ``(out, aux)`` with has_aux, checked; the keyword
     ``others`` maps the tensors of the non-differentiated arguments."""
 
 
@@ -213,13 +215,13 @@ class Planner:
 
     def _at_point(
         self, plan: Plan, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Callable[..., tuple[Any, ...]]:
+    ) -> Callable[..., Any]:
         func, name, has_aux = self.func, self.options.name, self.options.has_aux
         argnums = plan.argnums
 
         def at_point(
             *leaves: torch.Tensor, others: Callable[[torch.Tensor], torch.Tensor] | None = None
-        ) -> tuple[Any, ...]:
+        ) -> Any:
             call_args, call_kwargs = args, kwargs
             if others is not None:
                 call_args = tuple(
@@ -237,7 +239,8 @@ class Planner:
                     *replace_primals(call_args, argnums, leaves, plan.spec), **call_kwargs
                 )
             out, aux = split_output(name, result, has_aux)
-            return (out, aux) if has_aux else (out,)
+            # A bare output without aux: a tuple would cost vmap another level.
+            return (out, aux) if has_aux else out
 
         return at_point
 

@@ -146,10 +146,14 @@ class AxisPoints(PointSet):
             # The chunk's coordinates lo..hi of this leaf sit on a diagonal of each
             # offset's block of rows: add the steps along that diagonal view.
             row = first - numel + lo - chunk.start + int(chunk.with_center)
+            flat = batch.view(-1)
             for k, offset in enumerate(self.offsets):
-                top = row + k * chunk.count
-                step = h[lo:hi] * offset if offset != 1 else h[lo:hi]
-                diagonal = batch[top : top + hi - lo, lo:hi].diagonal()
+                # The diagonal of the block at (row of offset k, column lo), as one
+                # strided slice of the flat batch.
+                top = (row + k * chunk.count) * numel + lo
+                diagonal = flat[top : top + (hi - lo) * (numel + 1) : numel + 1]
+                step = h[lo:hi] if hi - lo < numel else h
+                step = step * offset if offset != 1 else step
                 (diagonal.imag if self.imaginary else diagonal).add_(step)
             leaves.append(batch.view(rows, *leaf.shape))
             in_dims.append(0)

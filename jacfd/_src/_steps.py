@@ -129,7 +129,7 @@ def exact_steps(
     x = leaf.detach().reshape(-1)
     if step is None:
         relative: float = stencil.step_constant * precision**stencil.step_exponent
-        h = relative * x.abs().clamp_min(1.0)
+        h = x.abs().clamp_min_(1.0).mul_(relative)
     elif isinstance(step, torch.Tensor):
         h = step.detach().to(x).expand(leaf.shape).reshape(-1)
     else:
@@ -137,5 +137,5 @@ def exact_steps(
     if stencil.imaginary:  # x + ih is exact: the step is the imaginary part itself
         return h
     if stencil.leading_direction > 0:
-        return (x + h) - x
-    return x - (x - h)
+        return torch.add(x, h).sub_(x)
+    return torch.sub(x, h).neg_().add_(x)  # x - (x - h), exactly

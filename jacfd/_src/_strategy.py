@@ -156,6 +156,8 @@ class Loop(Strategy):
 
 def _stack(outputs: list[Any]) -> Any:
     """Stacks equally structured outputs leaf by leaf (flattening each once)."""
+    if type(outputs[0]) is torch.Tensor:
+        return torch.stack(outputs)
     _, spec = tree_flatten(outputs[0])
     flat = [
         list(out) if all(isinstance(t, torch.Tensor) for t in out) else tree_flatten(out)[0]
@@ -193,6 +195,8 @@ class _RealBatch(Strategy):
         if self.others == "repeat":
             others = lambda t: self.stack(t, False, rows)  # noqa: E731
         outputs = fn(*stacked, others=others)
+        if type(outputs) is torch.Tensor:  # no pytree walk
+            return self.unstack(where, outputs, rows)
         return tree_map(lambda y: self.unstack(where, y, rows), outputs)
 
 
