@@ -18,13 +18,14 @@ from pathlib import Path
 
 import torch
 
-from . import gradcheck, second, sparse, strategies, suite
+from . import gradcheck, overhead, second, sparse, strategies, suite
 
 OTHERS = {  # name: (module with report(quick) -> markdown, heading in benchmarks.md)
     "strategies": (strategies, "## Evaluation strategies"),
     "second": (second, "## Second derivatives"),
     "sparse": (sparse, "## Sparse and per-sample Jacobians"),
     "gradcheck": (gradcheck, "## Checking hand-written gradients"),
+    "overhead": (overhead, "## Per-call overhead"),
 }
 SECTIONS = ("suite", *OTHERS)
 DOCS = Path(__file__).resolve().parent.parent / "docs"

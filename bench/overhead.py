@@ -1,0 +1,206 @@
+"""Per-call overhead: jacfd's fixed cost where ``f`` itself costs almost nothing.
+
+1. A tiny MLP (8 -> 16 -> 16 -> 8, tanh), against ``f`` and ``vmap(f)`` on a stacked
+   batch shaped like the stencil points: whatever jacfd adds on top is overhead.
+2. The predecessor's own timing cases (its ``timetest.py``: ``2 * x`` and ``x + y``),
+   against a re-implementation of JacrevFinite (``bench/_jacrevfinite.py``).
+
+All candidates of a case are timed in alternation (``measure_alternating``), with one
+thread, and every ratio divides two medians from the same run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.func import vmap
+
+from jacfd import jacfd
+
+from ._jacrevfinite import JacrevFinite
+from ._timing import Timing, measure_alternating, table
+
+NOTES = """\
+Each transform is built once and timed on warm calls. The stacked batches are random
+tensors built beforehand, of the stencil's shape: `n + 1 = 9` points of 8 elements for
+the forward scheme, `2n = 16` for central. The predecessor's cases are those of its
+`timetest.py`: float64 inputs made with `requires_grad_()`, `JacrevFinite`'s default
+step `1e-5` for `2 * x` and `delta=1e-10` for `x + y`; jacfd takes the same step
+(`delta=`, forward scheme). Targets are those of issue 11; central rows are for
+information."""
+
+
+@dataclass(frozen=True)
+class Row:
+    case: str
+    candidate: str
+    timing: Timing
+    baseline: str
+    baseline_timing: Timing
+    target: float | None = None
+
+    @property
+    def ratio(self) -> float:
+        return self.timing.median / self.baseline_timing.median
+
+    def cells(self) -> list[str]:
+        met = "n/a" if self.target is None else "yes" if self.ratio <= self.target else "**no**"
+        return [
+            self.case,
+            self.candidate,
+            microseconds(self.timing),
+            self.baseline,
+            microseconds(self.baseline_timing),
+            f"{self.ratio:.2f}",
+            "n/a" if self.target is None else f"≤ {self.target:g}",
+            met,
+        ]
+
+
+def microseconds(timing: Timing) -> str:
+    """``12.3 ±2%``: the column header carries the unit, so the cells compare at a glance."""
+    return f"{timing.median * 1e6:.3g} ±{50 * timing.iqr / timing.median:.0f}%"
+
+
+def mlp_rows(dtype: torch.dtype, quick: bool) -> list[Row]:
+    torch.manual_seed(0)
+    n = 8
+    model = (
+        torch.nn.Sequential(
+            torch.nn.Linear(n, 16),
+            torch.nn.Tanh(),
+            torch.nn.Linear(16, 16),
+            torch.nn.Tanh(),
+            torch.nn.Linear(16, 8),
+        )
+        .to(dtype)
+        .requires_grad_(False)
+    )
+    x = torch.randn(n, dtype=dtype)
+    points = {
+        "forward": torch.randn(n + 1, n, dtype=dtype),
+        "central": torch.randn(2 * n, n, dtype=dtype),
+    }
+    batched_model = vmap(model)
+    fns: dict[str, Callable[[], object]] = {}
+    for scheme, stacked in points.items():
+        fns[f"f ({scheme} batch)"] = lambda stacked=stacked: model(stacked)
+        fns[f"vmap(f) ({scheme} batch)"] = lambda stacked=stacked: batched_model(stacked)
+        for strategy in ("batched", "vmap"):
+            transform = jacfd(model, scheme=scheme, strategy=strategy)
+            fns[f"{scheme} {strategy}"] = lambda transform=transform: transform(x)
+    timings = measure_alternating(fns, quick)
+    case = f"MLP 8-16-16-8, {str(dtype).removeprefix('torch.')}"
+    rows = []
+    for scheme, stacked in points.items():
+        shape = tuple(stacked.shape)
+        forward = scheme == "forward"
+        rows += [
+            Row(
+                case,
+                f'jacfd(scheme="{scheme}", strategy="batched")',
+                timings[f"{scheme} batched"],
+                f"f on the stacked batch {shape}",
+                timings[f"f ({scheme} batch)"],
+                2.5 if forward else None,
+            ),
+            Row(
+                case,
+                f'jacfd(scheme="{scheme}") (vmap)',
+                timings[f"{scheme} vmap"],
+                f"vmap(f) on the stacked batch {shape}",
+                timings[f"vmap(f) ({scheme} batch)"],
+                1.3 if forward else None,
+            ),
+        ]
+    return rows
+
+
+def predecessor_rows(quick: bool) -> list[Row]:
+    """``timetest.py``'s first two functions, at its inputs and steps."""
+
+    def two(x: torch.Tensor) -> torch.Tensor:
+        return 2 * x
+
+    def add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x + y
+
+    float64 = torch.float64
+    cases = [
+        ("2 * x, 2 elements, delta 1e-5", two, 0, 1e-5, (torch.tensor((5, 2), dtype=float64),)),
+        (
+            "x + y, argnum 1, delta 1e-10",
+            add,
+            1,
+            1e-10,
+            (torch.tensor((1, 1), dtype=float64), torch.tensor((2, 3), dtype=float64)),
+        ),
+    ]
+    rows = []
+    for case, f, argnum, delta, values in cases:
+        args = tuple(value.requires_grad_() for value in values)
+        baseline = JacrevFinite(function=f, num_args=argnum, delta=delta)
+        batched = jacfd(f, argnum, delta=delta, scheme="forward", strategy="batched")
+        vmapped = jacfd(f, argnum, delta=delta, scheme="forward")
+        check_agreement(case, f, args, delta, baseline(*args), [batched(*args), vmapped(*args)])
+        timings = measure_alternating(
+            {
+                "JacrevFinite": lambda: baseline(*args),
+                "batched": lambda: batched(*args),
+                "vmap": lambda: vmapped(*args),
+            },
+            quick,
+        )
+        for label, name, target in (
+            ('jacfd(scheme="forward", strategy="batched")', "batched", 0.6),
+            ('jacfd(scheme="forward") (vmap)', "vmap", 1.0),
+        ):
+            rows.append(
+                Row(case, label, timings[name], "JacrevFinite", timings["JacrevFinite"], target)
+            )
+    return rows
+
+
+def check_agreement(
+    case: str,
+    f: Callable[..., torch.Tensor],
+    args: tuple[torch.Tensor, ...],
+    delta: float,
+    expected: torch.Tensor,
+    results: list[torch.Tensor],
+) -> None:
+    """Both difference ``f(x + h) - f(x)`` over the same ``h``; they may differ by the
+    rounding of ``x + h`` and of ``f`` (jacfd rounds ``h`` so that ``x + h`` is exact),
+    a few ulps of ``|x| + |f|`` over ``h``: about 1e-5 for ``delta=1e-10``."""
+    with torch.no_grad():
+        scale = max(t.abs().max().item() for t in (*args, f(*args)))
+    tolerance = 8 * torch.finfo(expected.dtype).eps * scale / delta
+    for result in results:
+        error = (result.detach() - expected.detach()).abs().max().item()
+        if error > tolerance:
+            raise RuntimeError(
+                f"{case}: jacfd and JacrevFinite differ by {error:.1e} (tolerance {tolerance:.1e})"
+            )
+
+
+def report(quick: bool) -> str:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # fixed costs are serial: extra threads would only add noise
+    try:
+        rows = [*mlp_rows(torch.float32, quick), *mlp_rows(torch.float64, quick)]
+        rows += predecessor_rows(quick)
+    finally:
+        torch.set_num_threads(threads)
+    header = [
+        "case",
+        "candidate",
+        "time (µs)",
+        "baseline",
+        "baseline time (µs)",
+        "ratio",
+        "target",
+        "met",
+    ]
+    return "\n\n".join([NOTES, table(header, [row.cells() for row in rows])])
