@@ -104,11 +104,20 @@ SCHEMES: dict[str, dict[str, object]] = {
 }
 
 
-def build(name: str, seed: int) -> tuple[Func, Func, torch.Tensor]:
-    """(float32 network on one sample, its float64 copy, float32 input).
+# Networks built from analytic operations only, for the complex step (GELU's erf,
+# ReLU and max-pool are not analytic).
+ANALYTIC = {"tanh MLP 16-64-64-8"}
+COMPLEX = "complex (`model.to(torch.complex64)`)"
+
+LABELS = [*SCHEMES, COMPLEX, "jacfd_with_error"]
+
+
+def build(name: str, seed: int) -> tuple[Func, Func, torch.Tensor, Func | None]:
+    """(float32 network on one sample, its float64 copy, float32 input, its complex64
+    copy if the network is analytic).
 
     The network is in eval mode with parameters requiring grad, as users have it;
-    the float64 copy has the same (float32-representable) weights.
+    the copies have the same (float32-representable) weights.
     """
     builder, shape = NETWORKS[name]
     torch.manual_seed(seed)
@@ -119,7 +128,11 @@ def build(name: str, seed: int) -> tuple[Func, Func, torch.Tensor]:
     def one(m: nn.Module) -> Func:  # the models expect a batch dimension
         return lambda x: m(x.unsqueeze(0)).squeeze(0)
 
-    return one(model), one(model64), x
+    with warnings.catch_warnings():  # "complex modules are a new feature"
+        warnings.simplefilter("ignore", UserWarning)
+        complex_model = copy.deepcopy(model).to(torch.complex64) if name in ANALYTIC else None
+    fc = None if complex_model is None else one(complex_model)
+    return one(model), one(model64), x, fc
 
 
 def rel_error(jac: torch.Tensor, ref: torch.Tensor) -> float:
@@ -137,13 +150,15 @@ class Row:
 
 
 def measure_network(name: str, seeds: range) -> Row:
-    errors: dict[str, list[float]] = {label: [] for label in [*SCHEMES, "jacfd_with_error"]}
+    errors: dict[str, list[float]] = {label: [] for label in LABELS}
     ratios = []
     for seed in seeds:
-        f32, f64, x = build(name, seed)
+        f32, f64, x, fc = build(name, seed)
         ref = jacrev(f64)(x.double()).detach()
         for label, options in SCHEMES.items():
             errors[label].append(rel_error(jacfd(f32, **options)(x), ref))  # type: ignore[arg-type]
+        if fc is not None:
+            errors[COMPLEX].append(rel_error(jacfd(fc, scheme="complex")(x), ref))
         J, estimate = jacfd_with_error(f32)(x)
         errors["jacfd_with_error"].append(rel_error(J, ref))
         ratios.append(
@@ -153,16 +168,16 @@ def measure_network(name: str, seeds: range) -> Row:
 
 
 def fmt(values: list[float]) -> str:
-    return f"{statistics.median(values):.0e} / {max(values):.0e}"
+    return f"{statistics.median(values):.0e} / {max(values):.0e}" if values else "n/a"
 
 
 def network_table(rows: list[Row], n_seeds: int) -> str:
-    labels = [*SCHEMES, "jacfd_with_error"]
+    labels = LABELS
     head = "| network | " + " | ".join(labels) + " | estimate / actual error |"
     lines = [head, "|---|" + "---:|" * (len(labels) + 1)]
     for row in rows:
         cells = [fmt(row.errors[label]) for label in labels]
-        ratio = f"{min(row.estimate_ratio):.1g} to {max(row.estimate_ratio):.1g}"
+        ratio = f"{min(row.estimate_ratio):.2g} to {max(row.estimate_ratio):.2g}"
         lines.append(f"| {row.name} | " + " | ".join(cells) + f" | {ratio} |")
     return (
         f"Median / max over {n_seeds} seeds (weights and input) of "
@@ -175,7 +190,7 @@ def measure_casts(seeds: range) -> str:
     cases: dict[str, list[float]] = {}
     warned = 0  # warnings jacfd gives in the trap
     for seed in seeds:
-        f32, f64, x32 = build("tanh MLP 16-64-64-8", seed)
+        f32, f64, x32, _ = build("tanh MLP 16-64-64-8", seed)
         x = x32.double()
         ref = jacrev(f64)(x).detach()
 
