@@ -12,6 +12,7 @@ error depends on whether a kink falls inside the stencil) and are not tested.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -28,6 +29,7 @@ SEEDS = (0, 1, 2)
 CENTRAL_BOUND = 3e-3  # default options; measured 1e-4 to 9e-4
 ORDER4_BOUND = 6e-4  # order=4; measured 2e-5 to 2e-4
 FORWARD_BOUND = 3e-2  # scheme="forward"; measured 1e-3 to 1e-2
+COMPLEX_BOUND = 1.2e-6  # complex step, analytic networks (tanh MLP); measured 2e-7 to 4e-7
 CASTS_TRAP_ABOVE = 1e-2  # float32 model behind float64 casts; measured 1e-1 to 2e-1
 
 
@@ -52,19 +54,20 @@ def smooth_conv() -> nn.Module:
 NETWORKS = {"tanh_mlp": (tanh_mlp, (16,)), "smooth_conv": (smooth_conv, (3, 8, 8))}
 
 
-def build(name: str, seed: int) -> tuple[Func, Func, torch.Tensor]:
-    """(float32 network on one sample, its float64 copy, float32 input); eval mode,
-    parameters requiring grad, as users have them."""
+def one(model: nn.Module) -> Func:
+    """The network on one sample: the models expect a batch dimension."""
+    return lambda x: model(x.unsqueeze(0)).squeeze(0)
+
+
+def build(name: str, seed: int) -> tuple[nn.Module, Func, Func, torch.Tensor]:
+    """(float32 network, it on one sample, its float64 copy on one sample, float32
+    input); eval mode, parameters requiring grad, as users have them."""
     builder, shape = NETWORKS[name]
     torch.manual_seed(seed)
     model = builder().eval()
     model64 = copy.deepcopy(model).double()
     x = torch.randn(shape, dtype=torch.float32)
-
-    def one(m: nn.Module) -> Func:
-        return lambda x: m(x.unsqueeze(0)).squeeze(0)
-
-    return one(model), one(model64), x
+    return model, one(model), one(model64), x
 
 
 def rel_error(jac: torch.Tensor, ref: torch.Tensor) -> float:
@@ -82,17 +85,27 @@ def rel_error(jac: torch.Tensor, ref: torch.Tensor) -> float:
 def test_smooth_network_within_documented_bound(
     name: str, seed: int, options: dict[str, object], bound: float
 ) -> None:
-    f32, f64, x = build(name, seed)
+    _, f32, f64, x = build(name, seed)
     ref = jacrev(f64)(x.double())
     err = rel_error(jacfd(f32, **options)(x), ref)  # type: ignore[arg-type]
     assert err < bound, f"{name}, seed {seed}, {options}: {err:.1e} >= documented {bound:.0e}"
 
 
 @pytest.mark.parametrize("seed", SEEDS)
+def test_complex_step_on_analytic_network(seed: int) -> None:
+    model, _, f64, x = build("tanh_mlp", seed)
+    with warnings.catch_warnings():  # "complex modules are a new feature"
+        warnings.simplefilter("ignore", UserWarning)
+        fc = one(copy.deepcopy(model).to(torch.complex64))
+    err = rel_error(jacfd(fc, scheme="complex")(x), jacrev(f64)(x.double()))
+    assert err < COMPLEX_BOUND, f"seed {seed}: {err:.1e} >= documented {COMPLEX_BOUND:.0e}"
+
+
+@pytest.mark.parametrize("seed", SEEDS)
 def test_float32_model_behind_float64_casts(seed: int) -> None:
     """The documented trap and its documented fixes. If jacfd learns to detect the
     trap, this test fails: update the warning box in docs/choosing.md with it."""
-    f32, f64, x32 = build("tanh_mlp", seed)
+    _, f32, f64, x32 = build("tanh_mlp", seed)
     x = x32.double()
     ref = jacrev(f64)(x)
 
