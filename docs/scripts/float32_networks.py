@@ -168,7 +168,9 @@ def measure_network(name: str, seeds: range) -> Row:
 
 
 def fmt(values: list[float]) -> str:
-    return f"{statistics.median(values):.0e} / {max(values):.0e}" if values else "n/a"
+    if not values:
+        return "n/a"
+    return f"{min(values):.0e} / {statistics.median(values):.0e} / {max(values):.0e}"
 
 
 def network_table(rows: list[Row], n_seeds: int) -> str:
@@ -180,7 +182,7 @@ def network_table(rows: list[Row], n_seeds: int) -> str:
         ratio = f"{min(row.estimate_ratio):.2g} to {max(row.estimate_ratio):.2g}"
         lines.append(f"| {row.name} | " + " | ".join(cells) + f" | {ratio} |")
     return (
-        f"Median / max over {n_seeds} seeds (weights and input) of "
+        f"Min / median / max over {n_seeds} seeds (weights and input) of "
         "`max|J_fd - J_ref| / max|J_ref|`.\n\n" + "\n".join(lines)
     )
 
@@ -212,7 +214,7 @@ def measure_casts(seeds: range) -> str:
         }
         for label, J in results.items():
             cases.setdefault(label, []).append(rel_error(J, ref))
-    lines = ["| call (tanh MLP 16-64-64-8) | error, median / max |", "|---|---:|"]
+    lines = ["| call (tanh MLP 16-64-64-8) | error, min / median / max |", "|---|---:|"]
     lines += [f"| {label} | {fmt(values)} |" for label, values in cases.items()]
     return f"jacfd gave {warned} warning(s) in the trap.\n\n" + "\n".join(lines)
 
