@@ -210,6 +210,10 @@ def measure_casts(seeds: range) -> str:
             "`jacfd(cast)(x)` (x float64): the trap": trap,
             "`jacfd(cast, delta=4e-3 * x.abs().clamp(min=1))(x)`": jacfd(cast, delta=step32)(x),
             "`jacfd(f32)(x.float())`: differentiate at the model's dtype": jacfd(f32)(x.float()),
+            # a float32 output tells jacfd to size the step for float32
+            "`jacfd(lambda x: model(x.float()))(x)`: no cast back": jacfd(
+                lambda x, f32=f32: f32(x.float())
+            )(x),
             "`jacfd(model.double())(x)`: the model in float64": jacfd(f64)(x),
         }
         for label, J in results.items():
