@@ -1,13 +1,13 @@
 """jacfd: finite-difference Jacobians that compose with ``torch.func``."""
 
-from ._src._check import (
+from ._src._evaluate import Batched
+from ._src._gradcheck import check_grad
+from ._src._gradcheck_report import (
     GradCheckEntry,
     GradCheckError,
     GradCheckPair,
     GradCheckReport,
-    check_grad,
 )
-from ._src._evaluate import Batched
 from ._src._jacfd import jacfd, jacfd_with_error
 from ._src._jvp import jvpfd
 from ._src._patterns import (

@@ -10,7 +10,7 @@ import torch
 from test_reference import ZOO
 
 from jacfd import Batched, GradCheckError, check_grad, jacfd
-from jacfd._src._check import DIRECTIONS
+from jacfd._src._gradcheck import DIRECTIONS
 
 
 class Square(torch.autograd.Function):
