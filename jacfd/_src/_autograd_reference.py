@@ -7,6 +7,7 @@ Also the ``torch.autograd.Function`` plumbing that lets a classic-style Function
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -35,6 +36,44 @@ def _failed_under_vmap(error: BaseException) -> bool:
     private exception type raised by the vmap strategy.
     """
     return isinstance(error, RuntimeError) and "vmap" in str(error)
+
+
+class _AutogradUnavailableError(Exception):
+    """Autograd could not differentiate func (its error is the ``__cause__``);
+    ``check_grad`` turns it into an error that says why it needs autograd."""
+
+
+class _FuncFailedError(Exception):
+    """func raised at a point where jacfd evaluated it (its error is ``error``).
+
+    Not a ``RuntimeError``, so that no strategy fallback mistakes it for its own.
+    """
+
+    def __init__(self, where: str, error: BaseException) -> None:
+        super().__init__(where)
+        self.where, self.error = where, error
+
+
+def _output_leaves(out: Any) -> list[tuple[Any, Any]]:
+    """func's output leaves with their key paths, refusing an output with none."""
+    if out is None:
+        raise TypeError(
+            "check_grad(func): func returned no tensors, but None: did func forget a return "
+            "statement? check_grad needs a tensor or a pytree of floating-point tensors."
+        )
+    with_path, _ = tree_flatten_with_path(out)
+    if not with_path:
+        raise ValueError(
+            f"check_grad(func): func returned no tensors ({out!r}); check_grad needs a tensor "
+            "or a pytree of floating-point tensors with at least one leaf."
+        )
+    for path, leaf in with_path:
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(
+                f"check_grad(func): func must return a tensor or a pytree of floating-point "
+                f"tensors; found {type(leaf).__name__} at out{keystr(path)}."
+            )
+    return with_path
 
 
 class _CheckedCall:
@@ -70,7 +109,8 @@ class _CheckedCall:
                         f"args[{position}]{keystr(path)}."
                     )
                 self.in_names.append(f"args[{position}]{keystr(path)}")
-                self.leaves.append(leaf.detach())
+                # A copy: a func writing into its input must not change the caller's.
+                self.leaves.append(leaf.detach().clone())
 
     def call(self, f: Callable[..., Any], leaves: Sequence[torch.Tensor]) -> Any:
         """``f`` (``func`` or its ``forward``) with the differentiated leaves replaced."""
@@ -81,11 +121,11 @@ class _CheckedCall:
             start += spec.num_leaves
         return f(*full, **self.kwargs)
 
-    def check_blocks(self, ad_blocks: list[torch.Tensor], fd_blocks: list[torch.Tensor]) -> None:
-        if len(fd_blocks) != len(ad_blocks):
+    def check_blocks(self, n_autograd: int, n_finite_differences: int) -> None:
+        if n_autograd != n_finite_differences:
             raise ValueError(
                 f"{self.name}(func): autograd and finite differences disagree on the output "
-                f"structure ({len(ad_blocks)} vs {len(fd_blocks)} Jacobian blocks): does "
+                f"structure ({n_autograd} vs {n_finite_differences} Jacobian blocks): does "
                 "forward return the same outputs as apply?"
             )
 
@@ -100,17 +140,18 @@ class _CheckedCall:
         for (_, i), block in zip(self.pair_indices(), blocks):
             dims = self.leaves[i].dim() if in_dim is None else in_dim
             out_shape = block.shape[: block.dim() - dims]
-            sums.append(block.to(torch.float64).reshape(*out_shape, -1).sum(-1))
+            size = math.prod(block.shape[block.dim() - dims :])  # not -1: blocks may be empty
+            sums.append(block.to(torch.float64).reshape(*out_shape, size).sum(-1))
         n_in = len(self.leaves)
         return [torch.stack(sums[o : o + n_in]).sum(0) for o in range(0, len(sums), n_in)]
 
     def flat_outputs(self, *leaves: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """``func``'s output leaves, checked and named, for autograd."""
-        with_path, _ = tree_flatten_with_path(self.call(self.func, leaves))
+        with_path = _output_leaves(self.call(self.func, leaves))
         if not self.out_names:
             self.out_names.extend(f"out{keystr(path)}" for path, _ in with_path)
         for path, out in with_path:
-            if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            if not out.is_floating_point():
                 raise TypeError(
                     f"check_grad(func): func must return a tensor or a pytree of floating-point "
                     f"tensors; found {type(out).__name__} at out{keystr(path)}."
@@ -123,89 +164,171 @@ class _CheckedCall:
         ``torch.autograd.functional.jacobian``: vectorised with ``vmap`` over the
         backward (or forward-mode) pass, which works for classic
         autograd.Functions too since ``func`` itself runs outside vmap; one pass
-        per element if the backward (or jvp) cannot be vmapped.
+        per element if the vectorised pass fails.
+
+        Raises:
+            _AutogradUnavailableError: If autograd cannot differentiate func at all.
         """
         inputs = tuple(self.leaves)
         ad_mode = "forward-mode" if mode == "forward" else "reverse-mode"
         try:
             jac = _jacobian(self.flat_outputs, inputs, True, ad_mode)
-        except RuntimeError:  # the vmapped pass failed: one pass per element
-            if mode == "reverse":
+        except (RuntimeError, IndexError):  # IndexError: torch's reverse mode on 0 elements
+            try:
+                if mode == "forward":  # one pass per element of all the inputs together
+                    sizes = [x.numel() for x in inputs]
+                    units = torch.split(torch.eye(sum(sizes), dtype=torch.float64), sizes, dim=1)
+                    products = self.forward_products(
+                        [e.to(x).reshape(-1, *x.shape) for e, x in zip(units, inputs)]
+                    )
+                    return [
+                        part.reshape(part.shape[:-1] + x.shape)
+                        for p in products
+                        for part, x in zip(torch.split(p, sizes, dim=-1), inputs)
+                    ]
                 jac = _jacobian(self.flat_outputs, inputs, False, ad_mode)
-            else:
-                units = [torch.eye(x.numel(), dtype=x.dtype, device=x.device) for x in inputs]
-                products = self.forward_products(
-                    [e.reshape(-1, *x.shape) for e, x in zip(units, inputs)]
-                )
-                return [
-                    p.reshape(p.shape[:-1] + self.leaves[i].shape)
-                    for (_, i), p in zip(self.pair_indices(), products)
-                ]
+            except RuntimeError as error:
+                empty = self._empty_jacobian()
+                if empty is not None:
+                    return empty
+                raise _AutogradUnavailableError(
+                    f"compute the Jacobian ({mode} mode) of"
+                ) from error
         return [block.detach() for row in jac for block in row]
 
-    def forward_products(self, tangents: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``J @ t`` by forward-mode AD, one dual-number pass per tangent ``t``.
+    def _empty_jacobian(self) -> list[torch.Tensor] | None:
+        """The blocks of a Jacobian with no entries (torch's reverse mode fails on
+        it), or None if it has some."""
+        with torch.no_grad():
+            outputs = self.flat_outputs(*self.leaves)
+        if sum(o.numel() for o in outputs) and sum(x.numel() for x in self.leaves):
+            return None
+        return [outputs[o].new_zeros(outputs[o].shape + x.shape) for o, x in self._pairs()]
 
-        ``tangents[i]`` stacks the tangents of input leaf ``i`` along dim 0;
-        each block is ``out.shape + (len(tangents[i]),)``.
+    def _pairs(self) -> list[tuple[int, torch.Tensor]]:
+        return [(o, self.leaves[i]) for o, i in self.pair_indices()]
+
+    def forward_products(self, tangents: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``J @ t`` by forward-mode AD, one dual-number pass per tangent.
+
+        ``tangents[i]`` stacks tangents of input leaf ``i`` along dim 0, the
+        same number for every leaf; pass ``k`` makes every input leaf dual at
+        once, with tangent ``tangents[i][k]``, as ``torch.func.jvp`` does. Each
+        block is ``out.shape + (len(tangents[0]),)``, one per output leaf.
         """
-        columns: list[list[list[torch.Tensor]]] = []  # [input][tangent][output]
-        for i, stacked in enumerate(tangents):
-            per_tangent = []
-            for tangent in stacked:
-                with fwAD.dual_level():
-                    duals = [
-                        fwAD.make_dual(x, tangent) if k == i else x  # type: ignore[no-untyped-call]
-                        for k, x in enumerate(self.leaves)
+        per_tangent: list[list[torch.Tensor]] = []  # [tangent][output]
+        for k in range(len(tangents[0])):
+            with fwAD.dual_level():
+                duals = [
+                    fwAD.make_dual(x.clone(), t[k])  # type: ignore[no-untyped-call]
+                    for x, t in zip(self.leaves, tangents)
+                ]
+                try:
+                    outputs = self.flat_outputs(*duals)
+                except RuntimeError as error:
+                    raise _AutogradUnavailableError(
+                        "make a forward-mode (jvp) pass through"
+                    ) from error
+                per_tangent.append(
+                    [
+                        torch.zeros_like(o) if (t := _tangent(o)) is None else t.clone()
+                        for o in outputs
                     ]
-                    per_tangent.append(
-                        [
-                            torch.zeros_like(out) if (t := _tangent(out)) is None else t.clone()
-                            for out in self.flat_outputs(*duals)
-                        ]
-                    )
-            columns.append(per_tangent)
+                )
         return [
-            torch.stack([column[o] for column in columns[i]], dim=-1)
-            for o, i in self.pair_indices()
+            torch.stack([column[o] for column in per_tangent], dim=-1)
+            for o in range(len(self.out_names))
         ]
 
     def finite_differences(
         self,
         primals: list[torch.Tensor],
         wrap: Callable[[Callable[..., Any]], Callable[..., Any]],
-        delta: float | None,
+        delta: Any,
         scheme: Scheme,
         order: int | None,
         strategy: Strategy | None,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """``jacfd_with_error`` of ``wrap(leaves -> func(...))`` at ``primals``, as
         flat blocks output-major; without a ``strategy``, vmap first and a plain
-        loop if func cannot run under vmap."""
+        loop if func cannot run under vmap.
+
+        If func fails there, it is run once more with autograd on (inputs that
+        require grad, as autograd runs it: a func registering tensor hooks needs
+        that) before giving up.
+
+        Raises:
+            _FuncFailedError: If func raised at one of the points.
+        """
 
         def run(
-            f: Callable[..., Any], chosen: Strategy
+            f: Callable[..., Any], chosen: Strategy, with_grad: bool = False
         ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-            g = wrap(lambda *leaves: self.call(f, leaves))
+            inside_vmap = chosen == "vmap"
+
+            def at(*leaves: torch.Tensor) -> Any:
+                try:
+                    out = self.call(f, leaves)
+                except Exception as error:
+                    if inside_vmap and isinstance(error, RuntimeError):
+                        raise  # the strategy decides (a plain loop may work)
+                    where = "under torch.vmap" if inside_vmap else self._where(leaves)
+                    raise _FuncFailedError(where, error) from error
+                _output_leaves(out)
+                return out
+
+            g = wrap(at)
             if hasattr(self.func, NOISE_EXPONENT):  # func made by jacfd: its precision
                 setattr(g, NOISE_EXPONENT, getattr(self.func, NOISE_EXPONENT))
-            jac, err = jacfd_with_error(
-                g, tuple(range(len(primals))), delta, scheme, order=order, strategy=chosen
-            )(*primals)
-            return tree_flatten(jac)[0], tree_flatten(err)[0]
+            points = [x.detach().requires_grad_(with_grad) for x in primals]
+            with torch.set_grad_enabled(with_grad):
+                jac, err = jacfd_with_error(
+                    g, tuple(range(len(primals))), delta, scheme, order=order, strategy=chosen
+                )(*points)
+            blocks: list[torch.Tensor] = [j.detach() for j in tree_flatten(jac)[0]]
+            errors: list[torch.Tensor] = tree_flatten(err)[0]
+            return blocks, errors
 
-        with torch.no_grad():
-            if strategy is not None:
-                return run(self.func, strategy)
-            for candidate in (_forward_of(self.func), self.func):
-                if candidate is None:
-                    continue
+        def run_or_with_grad(
+            f: Callable[..., Any], chosen: Strategy
+        ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+            try:
+                return run(f, chosen)
+            except _FuncFailedError as failure:
                 try:
-                    return run(candidate, "vmap")
-                except RuntimeError as error:
-                    if not _failed_under_vmap(error):
-                        raise
-            return run(self.func, "loop")
+                    return run(f, chosen, with_grad=True)
+                except _FuncFailedError:
+                    raise failure from failure.error
+
+        if strategy is not None:
+            return run_or_with_grad(self.func, strategy)
+        for candidate in (_forward_of(self.func), self.func):
+            if candidate is None:
+                continue
+            try:
+                return run(candidate, "vmap")
+            except RuntimeError as error:
+                if not _failed_under_vmap(error):
+                    raise
+            except _FuncFailedError:
+                pass  # a plain loop names the point
+        return run_or_with_grad(self.func, "loop")
+
+    def _where(self, leaves: Sequence[torch.Tensor]) -> str:
+        """Which differentiated elements differ from ``args`` at a point, and by how much."""
+        moved = []
+        for name, x, y in zip(self.in_names, self.leaves, leaves):
+            if y.shape != x.shape:
+                return "in a batch of points"
+            change = (y.detach() - x).reshape(-1)
+            changed = torch.nonzero(change).reshape(-1)
+            if len(changed):
+                k = int(changed[0])
+                index = tuple(torch.unravel_index(torch.tensor(k), x.shape)) if x.dim() else ()
+                more = f" (and {len(changed) - 1} more elements)" if len(changed) > 1 else ""
+                at = f"[{', '.join(str(int(i)) for i in index)}]" if index else ""
+                moved.append(f"{name}{at} moved by {change[k].item():.3g}{more}")
+        return "; ".join(moved) or "at args itself"
 
 
 class _Context:

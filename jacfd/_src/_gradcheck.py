@@ -6,14 +6,16 @@ every entry. How the tolerance is set is derived in ``docs/checking.md``.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_map
 
-from ._autograd_reference import Mode, _CheckedCall
+from ._autograd_reference import Mode, _AutogradUnavailableError, _CheckedCall, _FuncFailedError
 from ._engine import Options, check_options
 from ._evaluate import Batched, Strategy
 from ._gradcheck_report import (
@@ -27,6 +29,7 @@ from ._gradcheck_report import (
 )
 from ._inputs import Argnums, normalize_argnums
 from ._stencil import Scheme, Stencil
+from ._steps import Delta, match_delta
 
 
 def _automatic_step(stencil: Stencil, precision: float) -> float:
@@ -35,6 +38,13 @@ def _automatic_step(stencil: Stencil, precision: float) -> float:
     step: float = stencil.step_constant * precision**stencil.step_exponent
     return step
 
+
+RESOLVED = 0.5
+"""The directions stage decides only where every tolerance is at most this
+fraction of the larger value compared (or the values are equal): then a value
+that passes has the sign of the other and is within a factor of 3 of it. A
+larger tolerance could pass ``J @ u`` with the wrong sign, so the entry-wise
+check decides instead (see docs/checking.md)."""
 
 ROUNDING_ULPS = 16.0
 """The default ``atol`` is ``ROUNDING_ULPS * eps * max|J|`` per input/output pair:
@@ -51,6 +61,7 @@ def check_grad(
     mode: Mode = "reverse",
     scheme: Scheme = "central",
     order: int | None = None,
+    delta: Delta = None,
     safety: float = 10.0,
     rtol: float = 0.0,
     atol: float | None = None,
@@ -93,6 +104,11 @@ def check_grad(
             (default) is the accurate real one, ``"complex"`` needs a
             complex-analytic ``func``.
         order: The scheme's accuracy order (see :func:`jacfd`).
+        delta: The finite-difference step, as in :func:`jacfd`: ``None``
+            (automatic, about ``eps**(1/3) * max(1, |x|)`` for central
+            differences), a positive float, or a tensor or pytree of steps
+            matching the differentiated arguments. Smaller than the distance to
+            a kink of func, or larger for a noisy func. Both stages use it.
         safety: The multiple of the error estimate an entry may differ by.
         rtol: Extra relative tolerance, times ``|J_fd|``.
         atol: Extra absolute tolerance; ``None``: ``16 * eps * max|J|`` per pair.
@@ -141,7 +157,7 @@ def check_grad(
         name,
         func,
         argnums=argnums,
-        delta=None,
+        delta=delta,
         scheme=scheme,
         order=order,
         has_aux=False,
@@ -149,138 +165,175 @@ def check_grad(
         randomness="error",
         strategy="vmap" if strategy is None else strategy,
     )
-    if mode not in ("reverse", "forward"):
-        raise ValueError(f"{name}(func, mode={mode!r}): mode must be 'reverse' or 'forward'.")
-    if kwargs is None:
-        kwargs = {}
-    elif not isinstance(kwargs, Mapping):
-        raise TypeError(f"{name}(func, kwargs): expected a mapping or None, got {kwargs!r}.")
-    for label, value in (("safety", safety), ("rtol", rtol), ("atol", atol)):
-        if value is None and label == "atol":
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-            raise ValueError(f"{name}(func, {label}={value!r}): expected a number >= 0.")
-    for label, flag in (("exhaustive", exhaustive), ("raise_error", raise_error)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{name}(func, {label}): expected a bool, got {flag!r}.")
-    if not args:
-        raise TypeError(f"{name}(func, *args): pass the arguments to check func at.")
-    point = _CheckedCall(name, func, args, kwargs, normalize_argnums(name, argnums, len(args)))
-    # The rounding of f, after division by the step h ~ eps**(1/(p+1)).
-    exponent = options.stencil.accuracy_exponent
-    compare = partial(_compare, safety=safety, rtol=rtol, atol=atol)
-
-    ad_blocks = None  # autograd's whole Jacobian, computed at most once
-    if not exhaustive and not isinstance(options.strategy, Batched):
-        if mode == "reverse":
-            ad_blocks = point.autograd_jacobian(mode)
-        tighter = partial(_compare, safety=safety / DIRECTIONS_TIGHTER, rtol=rtol, atol=atol)
-        along = _along_directions(point, options, exponent, ad_blocks, tighter, scheme, strategy)
-        report = GradCheckReport(along, mode, scheme, float(safety), DIRECTIONS)
-        if report.passed:
-            return report
-
-    fd_blocks, err_blocks = point.finite_differences(
-        point.leaves, lambda f: f, None, scheme, order, strategy
+    kwargs = _check_arguments(
+        func, args, kwargs, mode, safety, rtol, atol, exhaustive, raise_error
     )
-    if ad_blocks is None:
-        ad_blocks = point.autograd_jacobian(mode)
-    point.check_blocks(ad_blocks, fd_blocks)
-    # The rounding of f_i in terms of its inputs' contributions: for f_i a sum of
-    # terms J_ik x_k (a matmul), it is ~ eps * sum_k |J_ik x_k|, which the
-    # estimate (based on |f_i| itself) misses when the terms cancel. Divided by the
-    # step h_k ~ eps**(1/(p+1)) * max(1, |x_k|): eps**(p/(p+1)) * sum_k |J_ik|.
-    rows = point.rows([block.abs() for block in fd_blocks])
-    pairs = []
-    for (o, i), ad, fd, err in zip(point.pair_indices(), ad_blocks, fd_blocks, err_blocks):
-        in_dim = point.leaves[i].dim()
-        rounding = _eps(fd) ** exponent * rows[o].reshape(rows[o].shape + (1,) * in_dim)
-        pairs.append(compare(point.out_names[o], point.in_names[i], in_dim, rounding, ad, fd, err))
-    report = GradCheckReport(tuple(pairs), mode, scheme, float(safety))
+    # Autograd cannot run on inference tensors, nor inside inference mode: leave
+    # it, and copy the tensors made in it (copies made outside it are ordinary).
+    with torch.inference_mode(False):
+        args, kwargs = tree_map(_out_of_inference, (args, kwargs))
+        call = _CheckedCall(name, func, args, kwargs, normalize_argnums(name, argnums, len(args)))
+        steps = _steps(call, delta, args)
+        try:
+            report = _check(
+                call, options, scheme, steps, mode, strategy, exhaustive, safety, rtol, atol
+            )
+        except _AutogradUnavailableError as failure:
+            raise _autograd_error(name, mode, failure) from failure.__cause__
+        except _FuncFailedError as failure:
+            raise _func_error(name, failure) from failure.error
     if raise_error and not report.passed:
         raise GradCheckError(report)
     return report
 
 
-def _along_directions(
-    point: _CheckedCall,
+def _check(
+    call: _CheckedCall,
     options: Options,
-    exponent: float,
-    ad_blocks: list[torch.Tensor] | None,
-    compare: Callable[..., GradCheckPair],
     scheme: Scheme,
+    steps: Any,
+    mode: Mode,
     strategy: Strategy | None,
-) -> tuple[GradCheckPair, ...]:
-    """Compares ``J @ u`` along :data:`DIRECTIONS` random directions ``u`` per input leaf.
+    exhaustive: bool,
+    safety: float,
+    rtol: float,
+    atol: float | None,
+) -> GradCheckReport:
+    """The two stages: ``J @ u`` along random directions, then, unless that
+    decided a pass, every entry."""
+    ad_blocks = None  # autograd's whole Jacobian, computed at most once
+    if not exhaustive and not isinstance(options.strategy, Batched):
+        if mode == "reverse":
+            ad_blocks = call.autograd_jacobian(mode)
+        tighter = partial(_compare, safety=safety / DIRECTIONS_TIGHTER, rtol=rtol, atol=atol)
+        try:
+            along, conclusive = _along_directions(
+                call, options, scheme, steps, ad_blocks, tighter, strategy
+            )
+        except _FuncFailedError:  # func refused a point along a direction: every entry decides
+            along, conclusive = (), False
+        report = GradCheckReport(along, mode, scheme, float(safety), DIRECTIONS)
+        if conclusive and report.passed:
+            return report
+
+    fd_blocks, err_blocks = call.finite_differences(
+        call.leaves, lambda f: f, steps, scheme, options.stencil.accuracy, strategy
+    )
+    if ad_blocks is None:
+        ad_blocks = call.autograd_jacobian(mode)
+    call.check_blocks(len(ad_blocks), len(fd_blocks))
+    # The rounding of f_i in terms of its inputs' contributions (docs/checking.md).
+    rows = call.rows([block.abs() for block in fd_blocks])
+    exponent = options.stencil.accuracy_exponent
+    pairs = []
+    for (o, i), ad, fd, err in zip(call.pair_indices(), ad_blocks, fd_blocks, err_blocks):
+        in_dim = call.leaves[i].dim()
+        rounding = _eps(fd) ** exponent * rows[o].reshape(rows[o].shape + (1,) * in_dim)
+        pair, _ = _compare(
+            call.out_names[o], call.in_names[i], in_dim, rounding, ad, fd, err,
+            safety=safety, rtol=rtol, atol=atol,
+        )  # fmt: skip
+        pairs.append(pair)
+    return GradCheckReport(tuple(pairs), mode, scheme, float(safety))
+
+
+def _along_directions(
+    call: _CheckedCall,
+    options: Options,
+    scheme: Scheme,
+    steps: Any,
+    ad_blocks: list[torch.Tensor] | None,
+    compare: Callable[..., tuple[GradCheckPair, bool]],
+    strategy: Strategy | None,
+) -> tuple[tuple[GradCheckPair, ...], bool]:
+    """Compares ``J @ u`` along :data:`DIRECTIONS` random directions ``u``, every
+    differentiated input moving at once (as in ``torch.func.jvp``).
 
     One finite-difference column per direction instead of one per element: the
-    derivative of ``s -> f(x + U s)`` at ``s = 0``. Its step ``h`` is a power of
-    two and each ``u`` is rounded so that ``x + h u`` is exact: the distance
-    travelled is exactly ``h u`` (and, but at a rare binade boundary, ``c h u``
-    for the stencil's other offsets ``c``). Every component of ``u`` is at least
-    ``max(1, |x_k|)`` in size, with a random sign and size, so a wrong entry in
-    any column moves ``J @ u`` by at least that entry's error, and two wrong
-    entries cancel only by coincidence.
+    derivative of ``s -> f(x + s u)`` at ``s = 0``. Its step ``h`` is a power of
+    two and each ``u`` is rounded so that ``x + h u`` is exact. Every component
+    of ``u`` is at least ``max(1, |x_k|)`` in size, with a random sign and size,
+    so a wrong entry in any column moves ``J @ u`` by at least that entry's
+    error, and two wrong entries cancel only by coincidence.
+
+    Returns the pairs (one per output leaf) and whether they are conclusive:
+    not when a tolerance is large next to the values compared (see
+    :data:`RESOLVED`), where ``J @ u`` could pass with the wrong sign.
     """
     stencil = options.stencil
-    precision = max(_eps(leaf) for leaf in point.leaves) ** options.noise_exponent
-    step = 2.0 ** math.floor(math.log2(_automatic_step(stencil, precision)))
+    precision = max(_eps(leaf) for leaf in call.leaves) ** options.noise_exponent
     generator = torch.Generator().manual_seed(0)  # reproducible verdicts
-    directions = []
-    for leaf in point.leaves:
+    raw = []
+    for leaf in call.leaves:
         shape = (DIRECTIONS, *leaf.shape)
         sign = torch.randint(0, 2, shape, generator=generator).to(leaf.dtype) * 2 - 1
         size = 1 + torch.rand(shape, generator=generator, dtype=leaf.dtype)
-        u = (sign * size).to(leaf.device) * leaf.abs().clamp_min(1)
-        if not stencil.imaginary:
-            u = ((leaf + step * u) - leaf) / step
-        directions.append(u)
+        raw.append((sign * size).to(leaf.device) * leaf.abs().clamp_min(1))
+    relative = _automatic_step(stencil, precision)
+    if steps is not None:  # the largest h that moves no element further than its step
+        limits = [
+            float((torch.as_tensor(d).to(u) / u.abs()).min())
+            for d, u in zip(steps, raw)
+            if u.numel()
+        ]
+        relative = min(limits, default=relative)
+    step = 2.0 ** math.floor(math.log2(relative))
+    directions = [
+        u if stencil.imaginary else ((x + step * u) - x) / step for x, u in zip(call.leaves, raw)
+    ]
 
     def along(f: Callable[..., Any]) -> Callable[..., Any]:
-        def moved(*coefficients: torch.Tensor) -> Any:
-            # At a stencil point s has one non-zero, c h, so U s is exactly c h u.
-            return f(
-                *[
-                    x + torch.tensordot(s, u, dims=1)
-                    for x, s, u in zip(point.leaves, coefficients, directions)
-                ]
-            )
+        def moved(s: torch.Tensor) -> Any:
+            # At a stencil point s has one non-zero, c h, so x + s @ U is exactly x + c h u.
+            points = [
+                x + torch.tensordot(s, u.to(s.dtype), dims=1)
+                for x, u in zip(call.leaves, directions)
+            ]
+            return f(*points)
 
         return moved
 
-    origin = [torch.zeros(DIRECTIONS, dtype=u.dtype, device=u.device) for u in directions]
-    fd_blocks, err_blocks = point.finite_differences(
-        origin, along, step, scheme, stencil.accuracy, strategy
+    origin = torch.zeros(DIRECTIONS, dtype=directions[0].dtype, device=directions[0].device)
+    fd_blocks, err_blocks = call.finite_differences(
+        [origin], along, step, scheme, stencil.accuracy, strategy
     )
     if ad_blocks is None:  # forward mode: one Jacobian-vector product per direction
-        ad_blocks = point.forward_products(directions)
-        point.check_blocks(ad_blocks, fd_blocks)
+        ad_blocks = call.forward_products(directions)
         # Only J @ u is known: |J @ u| stands in for |J| @ |u|. It is smaller when
         # terms cancel, which can only send a correct gradient on to every entry.
         magnitudes = [block.abs().mean(-1, keepdim=True) for block in ad_blocks]
     else:
-        point.check_blocks(ad_blocks, fd_blocks)
-        ad_blocks, magnitudes = _times_directions(point, ad_blocks, directions)
-    # The rounding of f_i, as in the entry-wise check: eps**(p/(p+1)) * sum_k |J_ik| |u_k|.
-    rows = point.rows(magnitudes, in_dim=1)
-    pairs = []
-    for (o, i), ad, fd, err in zip(point.pair_indices(), ad_blocks, fd_blocks, err_blocks):
-        rounding = _eps(fd) ** exponent * rows[o].unsqueeze(-1)
-        pairs.append(compare(point.out_names[o], point.in_names[i], 1, rounding, ad, fd, err))
-    return tuple(pairs)
+        ad_blocks, magnitudes = _times_directions(call, ad_blocks, directions)
+    call.check_blocks(len(ad_blocks), len(fd_blocks))
+    label = call.in_names[0] if len(call.in_names) == 1 else "all inputs"
+    pairs, conclusive = [], True
+    for o, (ad, fd, err) in enumerate(zip(ad_blocks, fd_blocks, err_blocks)):
+        # The rounding of f_o, as in the entry-wise check: eps**(p/(p+1)) * sum_k |J_ok| |u_k|.
+        rounding = _eps(fd) ** stencil.accuracy_exponent * magnitudes[o].to(torch.float64)
+        pair, resolved = compare(call.out_names[o], label, 1, rounding, ad, fd, err)
+        pairs.append(pair)
+        conclusive &= resolved
+    return tuple(pairs), conclusive
 
 
 def _times_directions(
-    point: _CheckedCall, blocks: list[torch.Tensor], directions: list[torch.Tensor]
+    call: _CheckedCall, blocks: list[torch.Tensor], directions: list[torch.Tensor]
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """``J @ u`` per block, ``out.shape + (directions,)``, and the mean
-    ``|J| @ |u|`` over the directions, ``out.shape + (1,)``."""
+    """``J @ u`` per output leaf, ``out.shape + (directions,)``, summed over the
+    inputs, and the mean ``|J| @ |u|`` over the directions, ``out.shape + (1,)``."""
+    n_in = len(call.leaves)
     products, magnitudes = [], []
-    for (_, i), block in zip(point.pair_indices(), blocks):
-        u = directions[i].reshape(DIRECTIONS, -1).T.to(block.dtype)
-        flat = block.reshape(*block.shape[: block.dim() - point.leaves[i].dim()], -1)
-        products.append(flat @ u)
-        magnitudes.append((flat.abs() @ u.abs()).mean(-1, keepdim=True))
+    for o in range(len(call.out_names)):
+        terms, sizes = [], []
+        for i in range(n_in):
+            block, u = blocks[o * n_in + i], directions[i]
+            u = u.reshape(DIRECTIONS, u.numel() // DIRECTIONS).T.to(block.dtype)
+            out_shape = block.shape[: block.dim() - call.leaves[i].dim()]
+            flat = block.reshape(*out_shape, u.shape[0])  # not -1: blocks may be empty
+            terms.append(flat @ u)
+            sizes.append((flat.abs() @ u.abs()).mean(-1, keepdim=True))
+        products.append(torch.stack(terms).sum(0))
+        magnitudes.append(torch.stack(sizes).sum(0))
     return products, magnitudes
 
 
@@ -300,12 +353,16 @@ def _compare(
     safety: float,
     rtol: float,
     atol: float | None,
-) -> GradCheckPair:
+) -> tuple[GradCheckPair, bool]:
     """One pair's verdict: ``ad`` and ``fd`` are ``out.shape + in.shape`` (or
-    ``out.shape + (directions,)``, ``in_dim = 1``); ``rounding`` broadcasts to them."""
+    ``out.shape + (directions,)``, ``in_dim = 1``); ``rounding`` broadcasts to them.
+
+    Also whether every entry is resolved: equal, or with a tolerance at most
+    :data:`RESOLVED` times the larger of the two values.
+    """
     shape = tuple(fd.shape)
     # The coarser of the two dtypes sets the round-off floor.
-    eps = max(torch.finfo(ad.dtype).eps, torch.finfo(fd.dtype).eps)
+    eps = max(torch.finfo(ad.dtype).eps, _eps(fd))
     ad = ad.reshape(shape).to(torch.float64)
     fd = fd.to(torch.float64)
     err = err.to(torch.float64)
@@ -314,7 +371,10 @@ def _compare(
     tolerance = safety * (err + rounding) + rtol * fd.abs() + floor
     difference = (ad - fd).abs()
     magnitude = torch.maximum(ad.abs(), fd.abs())
-    relative = torch.where(magnitude > 0, difference / magnitude, torch.zeros_like(difference))
+    # Below its tolerance a value is rounding noise (or an exact zero): no
+    # relative error to speak of.
+    relative = torch.where(magnitude > tolerance, difference / magnitude, 0.0)
+    resolved = bool(((tolerance <= RESOLVED * magnitude) | (difference == 0)).all())
     failing = ~(difference <= tolerance)  # NaN fails
     ratio = difference / tolerance.clamp_min(torch.finfo(torch.float64).tiny)
     ratio = torch.nan_to_num(ratio, nan=math.inf)
@@ -329,7 +389,7 @@ def _compare(
                 flat_index, remainder = divmod(flat_index, size)
                 index.insert(0, remainder)
             worst.append(GradCheckEntry(tuple(index[:out_dim]), tuple(index[out_dim:]), a, f, t))
-    return GradCheckPair(
+    pair = GradCheckPair(
         out_name,
         in_name,
         shape,
@@ -337,4 +397,101 @@ def _compare(
         float(torch.nan_to_num(relative, nan=math.inf).max()) if fd.numel() else 0.0,
         int(failing.sum()),
         tuple(worst),
+    )
+    return pair, resolved
+
+
+def _check_arguments(
+    func: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any] | None,
+    mode: object,
+    safety: object,
+    rtol: object,
+    atol: object,
+    exhaustive: object,
+    raise_error: object,
+) -> dict[str, Any]:
+    """Validates check_grad's own options; returns ``kwargs`` as a dict."""
+    name = "check_grad"
+    if not isinstance(mode, str):
+        raise TypeError(f"{name}(func, mode): mode must be 'reverse' or 'forward', got {mode!r}.")
+    if mode not in ("reverse", "forward"):
+        raise ValueError(f"{name}(func, mode={mode!r}): mode must be 'reverse' or 'forward'.")
+    if kwargs is None:
+        kwargs = {}
+    elif not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+        raise TypeError(
+            f"{name}(func, kwargs): expected None or a mapping from argument names (str) to "
+            f"values, got {kwargs!r}."
+        )
+    for label, value in (("safety", safety), ("rtol", rtol), ("atol", atol)):
+        if value is None and label == "atol":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(
+                f"{name}(func, {label}): expected a number >= 0, got {type(value).__name__}."
+            )
+        if not value >= 0:
+            raise ValueError(f"{name}(func, {label}={value!r}): expected a number >= 0.")
+    for label, flag in (("exhaustive", exhaustive), ("raise_error", raise_error)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name}(func, {label}): expected a bool, got {flag!r}.")
+    if not args:
+        raise TypeError(f"{name}(func, *args): pass the arguments to check func at.")
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):  # builtins and some callables have none
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as error:
+            raise TypeError(
+                f"{name}(func, *args, kwargs): func cannot be called with these arguments: "
+                f"{error}. Pass func's positional arguments after func, and its keyword "
+                "arguments as kwargs={...}."
+            ) from None
+    return dict(kwargs)
+
+
+def _out_of_inference(value: Any) -> Any:
+    if isinstance(value, torch.Tensor) and value.is_inference():
+        return value.clone()
+    return value
+
+
+def _steps(call: _CheckedCall, delta: Delta, args: tuple[Any, ...]) -> Any:
+    """``delta`` as ``jacfd_with_error`` of the flat leaves takes it: None, a
+    float, or one step (float or tensor) per differentiated leaf."""
+    if delta is None:
+        return None
+    if isinstance(delta, (int, float)):
+        return (float(delta),) * len(call.leaves)
+    _, spec = tree_flatten(tuple(args[p] for p in call.positions))
+    return tuple(match_delta("check_grad", delta, call.leaves, spec))
+
+
+def _autograd_error(name: str, mode: str, failure: _AutogradUnavailableError) -> RuntimeError:
+    cause = failure.__cause__
+    kind = NotImplementedError if isinstance(cause, NotImplementedError) else RuntimeError
+    needs = "backward" if mode == "reverse" else "jvp (forward-mode AD)"
+    return kind(
+        f"{name}(func): autograd could not {failure} func: {cause}\n"
+        "check_grad compares autograd's derivatives with finite differences, so func must be "
+        "differentiable by autograd: no numpy or .item() on the differentiated inputs, no "
+        f"in-place writes into them (clone them first), and a {needs} in every custom "
+        "autograd.Function."
+    )
+
+
+def _func_error(name: str, failure: _FuncFailedError) -> Exception:
+    error = failure.error
+    kind = next((k for k in (ValueError, TypeError) if isinstance(error, k)), RuntimeError)
+    return kind(
+        f"{name}(func): func raised {type(error).__name__} at a perturbed point "
+        f"({failure.where}): {error}\n"
+        "check_grad evaluates func within a few steps of args (the step: delta=, automatic "
+        "by default). Make func accept points that close to args, pass a smaller delta=, "
+        "or check at another point."
     )
