@@ -10,7 +10,7 @@ WORST = 5
 """Entries kept per pair in the report: the largest ratios of error to tolerance."""
 
 DIRECTIONS = 2
-"""Random directions per input leaf along which ``check_grad`` first compares
+"""Random directions (every input moving at once) along which ``check_grad`` first compares
 ``J @ u``: each costs a few evaluations of func where the entry-wise check costs
 a few per input element. One direction already sees a wrong entry anywhere; a
 second guards against two wrong entries of one row cancelling by coincidence."""
@@ -81,12 +81,15 @@ class GradCheckPair:
         output: The output leaf's pytree key path: ``out`` for a tensor result,
             ``out[1]`` or ``out['loss']`` inside a pytree.
         input: The input leaf's: ``args[0]`` for a differentiated tensor
-            argument, ``args[0]['weight']`` inside one.
+            argument, ``args[0]['weight']`` inside one. Along random directions,
+            where every input moves at once, ``all inputs`` if there are several.
         shape: The Jacobian block's shape, ``output.shape + input.shape`` (or
             ``output.shape + (directions,)`` for ``J @ u``).
         max_abs_error: The largest ``|autograd - finite difference|``.
         max_rel_error: The largest of the same divided by
-            ``max(|autograd|, |finite difference|)`` (0 where both are 0).
+            ``max(|autograd|, |finite difference|)``, over the entries larger
+            than their tolerance (0 if there are none: an entry that is zero or
+            rounding noise on both sides has no relative error to speak of).
         failures: How many entries exceed their tolerance.
         worst: The entries with the largest error-to-tolerance ratios, worst
             first (at most five).
@@ -120,7 +123,7 @@ class GradCheckReport:
         scheme: The finite-difference scheme.
         safety: The multiple of the error estimate allowed.
         directions: 0 when every entry was compared. Otherwise ``J @ u`` agreed
-            along this many random directions ``u`` per input leaf, within
+            along this many random directions ``u``, within
             ``safety / 4``, and each pair's errors and entries are those of
             ``J @ u``: an entry's ``input_index`` is ``(direction,)``. (When
             ``J @ u`` disagrees, every entry is compared.)
@@ -144,7 +147,7 @@ class GradCheckReport:
         settings += f", safety={self.safety:g}"
         if self.directions:
             summary = (
-                f"J @ u agrees along {self.directions} random directions u per input, "
+                f"J @ u agrees along {self.directions} random directions u, "
                 f"within safety/{DIRECTIONS_TIGHTER:g} ({settings}); exhaustive=True "
                 "compares every entry"
             )
