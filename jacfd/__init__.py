@@ -1,11 +1,11 @@
 """jacfd: finite-difference Jacobians that compose with ``torch.func``."""
 
-from ._src._check import (
+from ._src._gradcheck import check_grad
+from ._src._gradcheck_report import (
     GradCheckEntry,
     GradCheckError,
     GradCheckPair,
     GradCheckReport,
-    check_grad,
 )
 from ._src._jacfd import jacfd, jacfd_with_error
 from ._src._jvp import jvpfd

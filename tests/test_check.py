@@ -3,14 +3,16 @@ torch.autograd.gradcheck."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from test_reference import ZOO
 
 from jacfd import Batched, GradCheckError, check_grad, jacfd
-from jacfd._src._check import DIRECTIONS
+from jacfd._src._gradcheck import DIRECTIONS
 
 
 class Square(torch.autograd.Function):
@@ -130,8 +132,9 @@ def test_planted_bug_swapped_indices(fn: Any, ok: bool) -> None:
     torch.manual_seed(0)
     w = torch.randn(4, 4, dtype=torch.float64)
     x = torch.randn(4, dtype=torch.float64)
-    report = check_grad(fn.apply, w, x, argnums=(0, 1))
-    assert report.passed == ok == _gradcheck(fn.apply, w, x)
+    assert check_grad(fn.apply, w, x, argnums=(0, 1)).passed == ok == _gradcheck(fn.apply, w, x)
+    report = check_grad(fn.apply, w, x, argnums=(0, 1), exhaustive=True)
+    assert report.passed == ok
     by_input = {pair.input: pair for pair in report.pairs}
     assert set(by_input) == {"args[0]", "args[1]"}
     assert by_input["args[0]"].passed
@@ -302,7 +305,8 @@ def test_pytree_inputs_and_outputs() -> None:
         y = torch.tanh(p["w"] @ x + p["b"]) * scale
         return {"y": y, "parts": (y.sum(), Square.apply(x))}  # type: ignore[no-untyped-call]
 
-    report = check_grad(f, params, x, argnums=(0, 1), kwargs={"scale": 2.0})
+    assert check_grad(f, params, x, argnums=(0, 1), kwargs={"scale": 2.0}).passed
+    report = check_grad(f, params, x, argnums=(0, 1), kwargs={"scale": 2.0}, exhaustive=True)
     assert report.passed
     names = {(pair.output, pair.input) for pair in report.pairs}
     assert ("out['y']", "args[0]['w']") in names
@@ -376,3 +380,250 @@ def test_bad_input() -> None:
         check_grad(Square.apply, x, exhaustive=1)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"^check_grad\(func, raise_error\): expected a bool"):
         check_grad(Square.apply, x, raise_error="yes")  # type: ignore[arg-type]
+
+
+# Issue 12: each test below failed before its fix.
+
+
+def test_complex_scheme_in_the_directions_stage() -> None:
+    """The complex step works in both stages and never blames a correct function."""
+    x = _x()
+    report = check_grad(torch.sin, x, scheme="complex")
+    assert report.passed and report.directions == DIRECTIONS
+    assert check_grad(Square.apply, x, scheme="complex").passed
+    assert not check_grad(SquareOneElementWrong.apply, x, scheme="complex").passed
+    assert not check_grad(SquareMissingFactor.apply, x, scheme="complex").passed
+
+
+def test_inside_inference_mode() -> None:
+    """A correct backward passes inside torch.inference_mode (a wrong one fails)."""
+    x, a = _wide(64)
+    with torch.inference_mode():
+        x, a = x.clone(), a.clone()
+        assert check_grad(TanhMatVec.apply, x, a).passed
+        assert check_grad(Square.apply, _x(), exhaustive=True).passed
+        assert check_grad(torch.sin, _x(), mode="forward").passed
+        assert not check_grad(_one_wrong_entry(3, 5, 0.01).apply, x, a).passed
+
+
+def _hooked(scale: float) -> Any:
+    def f(v: torch.Tensor) -> torch.Tensor:
+        if v.requires_grad:  # a tensor hook, as torch's gradcheck tests plant a wrong backward
+            v.register_hook(lambda g: None if g is None else g * scale)  # gradcheck passes None
+        return torch.sin(v)
+
+    return f
+
+
+def _hooked_always(v: torch.Tensor) -> torch.Tensor:
+    v.register_hook(lambda g: None if g is None else g * 2)
+    return torch.sin(v)
+
+
+@pytest.mark.parametrize("func", [_hooked(1.0), _hooked(2.0), _hooked_always])
+def test_tensor_hooks_get_gradchecks_verdict(func: Any) -> None:
+    x = _x()
+    expected = _gradcheck(func, x)
+    assert check_grad(func, x).passed == expected
+    assert check_grad(func, x, exhaustive=True).passed == expected
+
+
+class Mul(torch.autograd.Function):
+    """x * y with a jvp that records which tangents it was given."""
+
+    seen: list[tuple[bool, bool]] = []  # noqa: RUF012
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_forward(x, y)
+        return x * y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Any:
+        raise NotImplementedError
+
+    @staticmethod
+    def jvp(ctx: Any, tx: torch.Tensor, ty: torch.Tensor) -> torch.Tensor:
+        x, y = ctx.saved_tensors
+        Mul.seen.append((bool(tx.abs().sum() > 0), bool(ty.abs().sum() > 0)))
+        return tx * y + x * ty
+
+
+class MulWrong(Mul):
+    @staticmethod
+    def jvp(ctx: Any, tx: torch.Tensor, ty: torch.Tensor) -> torch.Tensor:
+        x, y = ctx.saved_tensors
+        return tx * y + x * ty * 1.001
+
+
+def test_forward_mode_makes_every_input_dual() -> None:
+    """Along a direction every differentiated input is dual at once, as in
+    torch.func.jvp: jvp sees both tangents non-zero."""
+    x, y = _x(), _x().flip(0) + 3
+    Mul.seen.clear()
+    report = check_grad(Mul.apply, x, y, argnums=(0, 1), mode="forward")
+    assert report.passed and report.directions == DIRECTIONS
+    assert (True, True) in Mul.seen
+    assert len(report.pairs) == 1 and report.pairs[0].input == "all inputs"
+    assert not check_grad(MulWrong.apply, x, y, argnums=(0, 1), mode="forward").passed
+
+
+@pytest.mark.parametrize("output", [(), {}, None, [()]])
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+def test_no_outputs(output: Any, mode: Any) -> None:
+    with pytest.raises((TypeError, ValueError), match=r"^check_grad\(func\): func returned no"):
+        check_grad(lambda v: output, _x(), mode=mode)
+
+
+def _numpy_sin(v: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.sin(v.numpy()))
+
+
+def _in_place(v: torch.Tensor) -> torch.Tensor:
+    return v.mul_(2)
+
+
+@pytest.mark.parametrize("func", [_numpy_sin, _in_place])
+def test_autograd_errors_are_explained(func: Any) -> None:
+    x = _x()
+    with pytest.raises(RuntimeError, match=r"^check_grad\(func\): autograd could not") as info:
+        check_grad(func, x)
+    assert "compares autograd" in str(info.value) and info.value.__cause__ is not None
+    assert torch.equal(x, _x())  # the caller's tensor is untouched
+    # Forward mode runs both: numpy drops the tangent (autograd says 0), and
+    # forward-mode AD follows in-place writes.
+    assert check_grad(func, x, mode="forward").passed == (func is _in_place)
+    assert torch.equal(x, _x())
+
+
+class CubeSignFlipped(torch.autograd.Function):
+    """f(x) = x0 * x1**2 with d f / d x0 of the wrong sign."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return x[0] * x[1] ** 2
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return grad * torch.stack([-(x[1] ** 2), 2 * x[0] * x[1]])
+
+
+def test_directions_with_a_large_tolerance_are_inconclusive() -> None:
+    """At x ~ 1e-6, J @ u (~1e-12) is far below its tolerance (the truncation
+    error of the mixed third derivative along u): the directions cannot tell
+    the signs apart, so the entry-wise check decides, and catches the flip."""
+    x = torch.tensor([1e-6, 2e-6], dtype=torch.float64)
+    report = check_grad(CubeSignFlipped.apply, x)
+    assert not report.passed and report.directions == 0
+    assert report.pairs[0].worst[0].input_index == (0,)
+    assert not _gradcheck(CubeSignFlipped.apply, x * 1e6)  # the same bug at x ~ 1
+
+
+def test_func_error_at_a_perturbed_point() -> None:
+    """A func refusing some points: the directions stage falls back to the
+    entry-wise check; a failure there names check_grad and the point."""
+    x = _x()
+
+    def one_at_a_time(v: torch.Tensor) -> torch.Tensor:
+        if int((v != x).sum()) > 1:
+            raise ValueError("func: only one coordinate may change")
+        return torch.sin(v)
+
+    report = check_grad(one_at_a_time, x, strategy="loop")
+    assert report.passed and report.directions == 0
+
+    def nowhere_else(v: torch.Tensor) -> torch.Tensor:
+        if not torch.equal(v, x):
+            raise ValueError("func: refusing this point")
+        return torch.sin(v)
+
+    with pytest.raises(
+        ValueError, match=r"^check_grad\(func\): func raised .*\(args\[0\]\["
+    ) as info:
+        check_grad(nowhere_else, x, strategy="loop")
+    assert isinstance(info.value.__cause__, ValueError)
+
+
+def test_delta() -> None:
+    """A kink 1e-7 from x: the automatic step crosses it (a false alarm), a
+    smaller delta does not; tensors and pytrees as in jacfd."""
+    x = _x()
+    kink = x + 1e-7
+
+    def f(v: torch.Tensor) -> torch.Tensor:
+        return (v - kink).abs()
+
+    assert not check_grad(f, x).passed
+    assert not check_grad(f, x, exhaustive=True).passed
+    for delta in (1e-9, torch.full_like(x, 1e-9), torch.tensor(1e-9, dtype=torch.float64)):
+        assert check_grad(f, x, delta=delta).passed
+        assert check_grad(f, x, delta=delta, exhaustive=True).passed
+    assert check_grad(lambda v, w: (v - kink).abs() * w, x, x, argnums=(0, 1),
+                      delta=(1e-9, 1e-9)).passed  # fmt: skip
+    assert not check_grad(SquareOneElementWrong.apply, x, delta=1e-9).passed
+    for bad, kind in ((-1.0, ValueError), ("1e-9", TypeError), (torch.ones(2), ValueError)):
+        with pytest.raises(kind, match=r"^check_grad\(func, delta"):
+            check_grad(f, x, delta=bad)
+
+
+def test_relative_error_of_zero_entries() -> None:
+    """Entries that are exactly zero (autograd) and rounding noise (finite
+    differences) have no relative error to speak of: the report says 0."""
+
+    def f(v: torch.Tensor) -> torch.Tensor:
+        return torch.stack([v[0] ** 2, v[1] * 0 + 1.0, torch.sin(v[2])])
+
+    for exhaustive in (False, True):
+        report = check_grad(f, _x(), exhaustive=exhaustive)
+        assert report.passed
+        assert report.pairs[0].max_rel_error < 1e-6
+        row = str(report).splitlines()[3]
+        assert "1.000e+00" not in row and "1.98" not in row
+
+
+def test_bad_input_names_check_grad() -> None:
+    x = _x()
+    type_errors: list[dict[str, Any]] = [
+        {"atol": "1"},
+        {"rtol": None},
+        {"safety": True},
+        {"kwargs": {1: 2}},
+        {"kwargs": [("a", 1)]},
+        {"argnums": 0.0},
+        {"mode": ["reverse"]},
+    ]
+    for options in type_errors:
+        with pytest.raises(TypeError, match=r"^check_grad\(func"):
+            check_grad(torch.sin, x, **options)
+    value_errors: list[dict[str, Any]] = [
+        {"atol": -1.0},
+        {"safety": math.nan},
+        {"argnums": 3},
+        {"argnums": ()},
+        {"strategy": "fast"},
+        {"order": 3},
+        {"order": "2"},
+    ]
+    for options in value_errors:
+        with pytest.raises(ValueError, match=r"^check_grad\(func"):
+            check_grad(torch.sin, x, **options)
+    with pytest.raises(TypeError, match=r"^check_grad\(func\): func must be callable"):
+        check_grad(3, x)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^check_grad\(func, \*args\)"):
+        check_grad(torch.sin, [1.0, 2.0])
+    with pytest.raises(TypeError, match=r"^check_grad\(func, \*args, kwargs\)"):
+        check_grad(lambda v: v, x, kwargs={"unexpected": 1})
+
+
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+@pytest.mark.parametrize("exhaustive", [False, True])
+def test_zero_size_inputs_and_outputs(mode: Any, exhaustive: bool) -> None:
+    empty = torch.zeros(0, 3, dtype=torch.float64)
+    assert check_grad(torch.sin, empty, mode=mode, exhaustive=exhaustive).passed
+    assert check_grad(lambda v: v[:0] * 2, _x(), mode=mode, exhaustive=exhaustive).passed
+    assert check_grad(
+        lambda v, w: (v.sum() * w).sin(), empty, _x(), argnums=(0, 1), mode=mode,
+        exhaustive=exhaustive,
+    ).passed  # fmt: skip

@@ -82,6 +82,12 @@ class Stencil:
         """
         return 1.0 if self.imaginary else 1.0 / (self.accuracy + self.derivative)
 
+    def relative_step(self, precision: float) -> float:
+        """The automatic step relative to ``max(1, |x|)``, for values accurate to
+        ``precision`` (the dtype's eps for an ordinary function)."""
+        step: float = self.step_constant * precision**self.step_exponent
+        return step
+
     @property
     def accuracy_exponent(self) -> float:
         """At the balanced step the error is ~ eps**(p / (p + q)) relative."""

@@ -128,8 +128,7 @@ def exact_steps(
     """
     x = leaf.detach().reshape(-1)
     if step is None:
-        relative: float = stencil.step_constant * precision**stencil.step_exponent
-        h = x.abs().clamp_min_(1.0).mul_(relative)
+        h = x.abs().clamp_min_(1.0).mul_(stencil.relative_step(precision))
     elif isinstance(step, torch.Tensor):
         h = step.detach().to(x).expand(leaf.shape).reshape(-1)
     else:
