@@ -81,7 +81,7 @@ def contract(
     directions, whose columns have different steps) the structure divides
     after decompressing. Returns shape ``(count, *out)``.
     """
-    by_offset = torch.unflatten(values, 0, (num_offsets, count))
+    by_offset = (values,) if num_offsets == 1 else torch.unflatten(values, 0, (num_offsets, count))
 
     def value(k: int) -> torch.Tensor:
         if k == CENTER:

@@ -63,14 +63,17 @@ def run_points(call: Call, options: Options) -> Columns:
 def steps_for(call: Call, options: Options, output_eps: float) -> list[torch.Tensor]:
     """Each leaf's steps for func's precision: the coarser of the input's and the
     output's eps, worsened by any jacfd inside func."""
+    plan = call.plan
+    if not output_eps:  # the usual case: precisions decided with the plan
+        precisions = plan.precisions
+    else:
+        precisions = [
+            max(torch.finfo(shape_dtype).eps, output_eps) ** options.noise_exponent
+            for shape_dtype in plan.dtypes
+        ]
     return [
-        exact_steps(
-            leaf,
-            spec,
-            options.stencil,
-            max(torch.finfo(leaf.dtype).eps, output_eps) ** options.noise_exponent,
-        )
-        for leaf, spec in zip(call.primals, call.plan.step_specs)
+        exact_steps(leaf, spec, options.stencil, precision)
+        for leaf, spec, precision in zip(call.primals, plan.step_specs, precisions)
     ]
 
 

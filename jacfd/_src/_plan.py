@@ -121,6 +121,9 @@ class Plan:
     bare: bool
     """Every differentiated argument is a tensor, not a pytree of them."""
     shapes: list[torch.Size]
+    dtypes: list[torch.dtype]
+    precisions: list[float]
+    """Each leaf's eps, raised to func's noise exponent: what its steps balance."""
     step_specs: list[StepSpec]
     points: PointSet
     calls: int
@@ -155,11 +158,14 @@ class Planner:
     def __init__(self, func: Callable[..., Any], options: Options, points: PointsFactory) -> None:
         self.func, self.options, self.make_points = func, options, points
         self._plans: dict[Any, Plan] = {}
+        self._argnums: dict[int, tuple[int, ...] | None] = {}
         self._lock = threading.Lock()
 
     def prepare(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
         options = self.options
-        argnums = _wrap(options.argnums, len(args))
+        argnums = self._argnums.get(len(args))
+        if argnums is None:
+            argnums = self._argnums[len(args)] = _wrap(options.argnums, len(args))
         selected = [args[i] for i in argnums] if argnums is not None else None
         if selected is not None and all(type(a) is torch.Tensor for a in selected):
             primals: list[torch.Tensor] = selected
@@ -206,6 +212,8 @@ class Planner:
             spec,
             all(isinstance(args[i], torch.Tensor) for i in argnums),
             [p.shape for p in primals],
+            [p.dtype for p in primals],
+            [torch.finfo(p.dtype).eps ** options.noise_exponent for p in primals],
             match_delta(name, options.delta, primals, spec),
             points,
             calls,

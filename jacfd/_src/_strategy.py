@@ -266,7 +266,7 @@ class Batched(_RealBatch):
                 return x.squeeze(d + 1).movedim(0, d)
             return x.expand(*x.shape[:d], rows, *x.shape[d + 1 :])
         if batched:
-            return x.movedim(0, self.dim % x.dim())
+            return x if self.dim == 0 else x.movedim(0, self.dim % x.dim())
         d = self.dim % (x.dim() + 1)
         return x.unsqueeze(d).expand(*x.shape[:d], rows, *x.shape[d:])
 
@@ -282,7 +282,7 @@ class Batched(_RealBatch):
                 "out_dim to where func puts the batch."
             )
         d = out_dim % y.dim()
-        moved = y.movedim(d, 0)
+        moved = y.movedim(d, 0) if d else y
         return moved.unsqueeze(d + 1) if self.existing else moved
 
     def check_leaf(self, where: str, leaf: torch.Tensor) -> None:
@@ -378,12 +378,14 @@ def evaluate(
     outside vmap).
     """
     replay = rng if randomness == "same" else None
-    step = rows if chunk_size is None else chunk_size
-    pieces = []
-    for start in range(0, rows, step):
-        stop = min(start + step, rows)
-        part = [x[start:stop] if d is not None else x for x, d in zip(leaves, in_dims)]
-        pieces.append(strategy.run(fn, part, in_dims, stop - start, where, replay))
+    if chunk_size is None or rows <= chunk_size:
+        pieces = [strategy.run(fn, leaves, in_dims, rows, where, replay)]
+    else:
+        pieces = []
+        for start in range(0, rows, chunk_size):
+            stop = min(start + chunk_size, rows)
+            part = [x[start:stop] if d is not None else x for x, d in zip(leaves, in_dims)]
+            pieces.append(strategy.run(fn, part, in_dims, stop - start, where, replay))
     if rng is not None and randomness == "error" and rng.changed():
         # The generator moved: by func, or by another thread? Only func's own
         # draws are an error; a thread-local watch on one point tells them apart.
