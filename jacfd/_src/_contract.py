@@ -35,6 +35,17 @@ class Contraction:
     """The terms' common weight magnitude if they differ only in sign, else 0."""
 
     @property
+    def simple(self) -> bool:
+        """One term ``±(f[k] - f(x))`` of a first derivative: forward or backward."""
+        return (
+            len(self.terms) == 1
+            and self.terms[0][1] == CENTER
+            and abs(self.terms[0][2]) == 1
+            and self.derivative == 1
+            and not (self.imaginary or self.absolute)
+        )
+
+    @property
     def needs_center(self) -> bool:
         return any(CENTER in (k, m) for k, m, _ in self.terms)
 
@@ -82,6 +93,14 @@ def contract(
     after decompressing. Returns shape ``(count, *out)``.
     """
     by_offset = (values,) if num_offsets == 1 else torch.unflatten(values, 0, (num_offsets, count))
+    if contraction.simple and center is not None:  # forward and backward differences
+        k = contraction.terms[0][0]
+        h = steps if steps is not None else torch.ones((), dtype=values.dtype)
+        h = h if h.dtype == values.dtype else h.to(values.dtype)
+        if values.dim() > 1:
+            h = h.view(-1, *(1,) * (values.dim() - 1))
+        scale = h if contraction.terms[0][2] > 0 else -h
+        return torch.sub(by_offset[k], center).div_(scale)
 
     def value(k: int) -> torch.Tensor:
         if k == CENTER:

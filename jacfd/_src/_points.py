@@ -95,6 +95,8 @@ class PointSet:
         self, parts: list[Blocks], center: list[torch.Tensor] | None, steps: torch.Tensor
     ) -> Blocks:
         """Joins the chunks' columns."""
+        if len(parts) == 1:
+            return parts[0]
         return [
             [torch.cat(p) if len(p) > 1 else p[0] for p in zip(*per_chunk)]
             for per_chunk in zip(*parts)

@@ -34,7 +34,10 @@ class RandomState:
         self.end: list[torch.Tensor] | None = None
 
     def _read(self) -> list[torch.Tensor]:
-        return [torch.get_rng_state()] + [torch.cuda.get_rng_state(i) for i in self.cuda_indices]
+        cpu = torch.default_generator.get_state()  # (torch.get_rng_state adds a wrapper)
+        if not self.cuda_indices:
+            return [cpu]
+        return [cpu] + [torch.cuda.get_rng_state(i) for i in self.cuda_indices]
 
     def restore(self) -> None:
         """Back to the state at construction: the next call draws the same numbers."""
@@ -43,7 +46,8 @@ class RandomState:
             torch.cuda.set_rng_state(state, index)
 
     def changed(self) -> bool:
-        return not all(torch.equal(a, b) for a, b in zip(self._read(), self.start))
+        now = self._read()
+        return not all(torch.equal(a, b) for a, b in zip(now, self.start))
 
     def check_replayed(self, where: str) -> None:
         """After a replayed call: every call must end in the same state. If one
