@@ -33,7 +33,7 @@ class Coloring:
 
     Example:
         >>> import torch
-        >>> from jacfd._src._coloring import color_columns
+        >>> from jacfd._src._coloring import color_columns  # internal: jacfd(sparsity=) uses it
         >>> pattern = torch.ones(4, 4, dtype=torch.bool).triu(-1).tril(1)  # tridiagonal
         >>> coloring = color_columns(pattern)
         >>> coloring.num_colors, coloring.colors.tolist()
