@@ -28,10 +28,10 @@ if TYPE_CHECKING:  # type aliases only: the public signature is jacfd's
 def _integer(value: object, where: str, name: str) -> int:
     """``value`` as a Python int: ints, numpy integers and 0-d integer tensors, not bools
     (``True`` is an int to Python, but as a size it is a mistake)."""
-    is_bool = isinstance(value, bool) or type(value).__name__ == "bool_"  # numpy bool
-    if isinstance(value, torch.Tensor):
-        is_bool = is_bool or value.dtype == torch.bool or value.dim() != 0
-    if not is_bool:
+    refused = isinstance(value, bool) or type(value).__name__ == "bool_"  # numpy bool
+    if isinstance(value, torch.Tensor):  # torch would take a 1-element tensor as an index
+        refused = refused or value.dtype == torch.bool or value.dim() != 0
+    if not refused:
         try:
             return operator.index(value)  # type: ignore[arg-type]
         except TypeError:
