@@ -1,5 +1,14 @@
 """jacfd: finite-difference Jacobians that compose with ``torch.func``."""
 
+import warnings
+
+with warnings.catch_warnings():
+    # Without numpy, `import torch` warns "Failed to initialize NumPy"; jacfd needs no
+    # numpy, so importing torch on its behalf (as `python -m jacfd` does) stays quiet.
+    # Only this message, only here: torch still raises if numpy is used without it.
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
+    import torch  # noqa: F401
+
 from ._src._gradcheck import check_grad
 from ._src._gradcheck_report import (
     GradCheckEntry,

@@ -15,8 +15,8 @@ DSATUR (Brelaz's saturation ordering) and smallest-last.
 
 from __future__ import annotations
 
-import contextlib
 import heapq
+import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,7 +33,7 @@ class Coloring:
 
     Example:
         >>> import torch
-        >>> from jacfd._src._coloring import color_columns
+        >>> from jacfd._src._coloring import color_columns  # internal: jacfd(sparsity=) uses it
         >>> pattern = torch.ones(4, 4, dtype=torch.bool).triu(-1).tril(1)  # tridiagonal
         >>> coloring = color_columns(pattern)
         >>> coloring.num_colors, coloring.colors.tolist()
@@ -87,16 +87,19 @@ def color_columns(pattern: Any) -> Coloring:
         pattern: ``(m, n)`` pattern of the Jacobian (non-zero = may be non-zero): a
             bool, integer or floating torch tensor holding only 0 and 1, dense or
             sparse (COO, CSR, CSC, BSR, BSC; explicit zeros are ignored), a numpy
-            array, or a scipy.sparse matrix or array.
+            array (or anything with ``__array__``), or a scipy.sparse matrix or
+            array. Either size may be 0.
 
     Returns:
         The :class:`Coloring`.
 
     Raises:
-        TypeError: ``pattern`` is not one of the types above, or is complex.
-        ValueError: ``pattern`` is not 2-D, or holds values other than 0 and 1.
+        TypeError: ``pattern`` is not one of the types above, or its dtype is
+            complex or one torch cannot count non-zeros of (e.g. uint16, float8).
+        ValueError: ``pattern`` is not 2-D, holds values other than 0 and 1, is
+            an invalid sparse tensor, or is a meta tensor.
     """
-    m, n, rows, cols = _nonzeros(pattern)
+    m, n, rows, cols = pattern_nonzeros(pattern)
     if n == 0:
         empty = torch.zeros(0, dtype=torch.int64)
         return Coloring(empty, 0, rows, cols, (m, n))
@@ -130,62 +133,172 @@ def _by_first_column(colors: list[int]) -> torch.Tensor:
     return torch.argsort(torch.argsort(first))[labels]
 
 
-def _nonzeros(pattern: Any) -> tuple[int, int, torch.Tensor, torch.Tensor]:
-    """``(m, n, rows, cols)``: the distinct non-zeros, sorted by row then column."""
-    pattern = _as_tensor(pattern)
-    if pattern.dim() != 2 or (pattern.layout != torch.strided and pattern.dense_dim() != 0):
+def pattern_nonzeros(
+    pattern: Any, where: str = _WHERE
+) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """``(m, n, rows, cols)``: the distinct non-zeros of a sparsity pattern, sorted by
+    row then column, from any accepted input (see :func:`color_columns`).
+
+    The one intake of patterns, shared by ``jacfd(sparsity=)`` and
+    ``check_sparsity``; ``where`` names the public function in its errors.
+    """
+    if isinstance(pattern, torch.Tensor):
+        return _tensor_nonzeros(pattern, where)
+    scipy_sparse = sys.modules.get("scipy.sparse")  # a scipy object implies scipy is loaded
+    if scipy_sparse is not None and scipy_sparse.issparse(pattern):
+        return _scipy_nonzeros(pattern, where)
+    if hasattr(pattern, "__array__") and not isinstance(pattern, (str, bytes)):
+        return _numpy_nonzeros(pattern, where)
+    raise TypeError(
+        f"{where}: expected a 2-D bool torch.Tensor (dense or sparse), a numpy array "
+        f"or a scipy.sparse matrix, got {type(pattern).__name__}. Wrap it in "
+        "torch.tensor(..., dtype=torch.bool)."
+    )
+
+
+# Dtypes whose 0/1 check and nonzero() torch implements on CPU; others are refused
+# with a fix rather than failing inside torch (uint16..64, float8, quantized).
+_DTYPES = (
+    torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+    torch.float16, torch.bfloat16, torch.float32, torch.float64,
+)  # fmt: skip
+_LAYOUTS = (
+    torch.strided, torch.sparse_coo, torch.sparse_csr, torch.sparse_csc,
+    torch.sparse_bsr, torch.sparse_bsc,
+)  # fmt: skip
+
+
+def _tensor_nonzeros(
+    pattern: torch.Tensor, where: str
+) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    if pattern.is_nested or pattern.layout not in _LAYOUTS:
+        kind = "nested" if pattern.is_nested else str(pattern.layout)
+        raise TypeError(
+            f"{where}: expected a dense or sparse (COO, CSR, CSC, BSR, BSC) tensor, got a "
+            f"{kind} tensor. Convert it to a dense bool tensor first."
+        )
+    if pattern.dtype.is_complex or pattern.is_quantized or pattern.dtype not in _DTYPES:
+        raise TypeError(
+            f"{where}: expected a bool (or 0/1 integer or real) pattern, got dtype "
+            f"{pattern.dtype}. Pass pattern != 0, or pattern.to(torch.bool)."
+        )
+    hybrid = pattern.layout != torch.strided and pattern.dense_dim() != 0
+    _check_shape(tuple(pattern.shape), where, hybrid)
+    if pattern.device.type == "meta":
         raise ValueError(
-            f"{_WHERE}: expected a 2-D (outputs, inputs) pattern, got shape "
-            f"{tuple(pattern.shape)}. Reshape it to (m, n): m output elements by n input elements."
+            f"{where}: the pattern is a meta tensor and holds no values. Build it on the "
+            "CPU (or any real device)."
         )
     m, n = pattern.shape
+    pattern = pattern.detach()
     if pattern.layout == torch.strided:
-        dense = pattern.detach().cpu()
-        _check_values(dense)
+        dense = pattern.cpu()
+        _check_values(dense, where)
         rows, cols = dense.nonzero().T  # row-major: sorted and distinct
         return m, n, rows, cols
-    coo = pattern.detach().cpu().to_sparse_coo()
-    _check_values(coo._values())
+    _check_invariants(pattern, where)  # converting an invalid CSR tensor can crash Python
+    coo = pattern.cpu().to_sparse()  # COO from any sparse layout
+    _check_values(coo._values(), where)
     rows, cols = coo._indices()[:, coo._values() != 0]  # explicit zeros are not entries
     if not coo.is_coalesced():
-        keys = torch.unique(rows * n + cols)
-        rows, cols = keys // n, keys % n
+        rows, cols = _unique(rows, cols, n)
     return m, n, rows, cols
 
 
-def _as_tensor(pattern: Any) -> torch.Tensor:
-    """A torch tensor (dense or sparse) of a supported dtype, from any accepted input."""
-    if hasattr(pattern, "tocoo") and hasattr(pattern, "nnz"):  # scipy.sparse
-        if pattern.ndim != 2:  # dense, so that the shape check below reports it
-            return torch.as_tensor(pattern.toarray())
-        coo = pattern.tocoo()
-        indices = torch.stack([torch.as_tensor(i, dtype=torch.int64) for i in (coo.row, coo.col)])
-        data = torch.as_tensor(coo.data)
-        pattern = torch.sparse_coo_tensor(indices, data, coo.shape, check_invariants=False)
-    elif not isinstance(pattern, torch.Tensor) and hasattr(pattern, "__array__"):
-        with contextlib.suppress(TypeError):  # e.g. an object array: reported below
-            pattern = torch.as_tensor(pattern)  # numpy
-    if not isinstance(pattern, torch.Tensor):
-        raise TypeError(
-            f"{_WHERE}: expected a 2-D bool torch.Tensor (dense or sparse), a numpy array "
-            f"or a scipy.sparse matrix, got {type(pattern).__name__}. Wrap it in "
-            "torch.tensor(..., dtype=torch.bool)."
-        )
-    if pattern.dtype.is_complex:
-        raise TypeError(
-            f"{_WHERE}: expected a bool (or 0/1 integer or real) pattern, got dtype "
-            f"{pattern.dtype}. Pass pattern != 0."
-        )
-    return pattern
+def _check_invariants(pattern: torch.Tensor, where: str) -> None:
+    try:
+        if pattern.layout == torch.sparse_coo:
+            torch._validate_sparse_coo_tensor_args(
+                pattern._indices(), pattern._values(), pattern.shape
+            )
+        else:
+            compressed, plain = (
+                (pattern.crow_indices(), pattern.col_indices())
+                if pattern.layout in (torch.sparse_csr, torch.sparse_bsr)
+                else (pattern.ccol_indices(), pattern.row_indices())
+            )
+            torch._validate_sparse_compressed_tensor_args(
+                compressed, plain, pattern.values(), pattern.shape, pattern.layout
+            )
+    except RuntimeError as error:
+        raise ValueError(
+            f"{where}: the sparse pattern is invalid ({error}). Build it with "
+            "check_invariants=True to find the bad index."
+        ) from None
 
 
-def _check_values(values: torch.Tensor) -> None:
+def _scipy_nonzeros(pattern: Any, where: str) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    import numpy as np  # scipy depends on numpy
+
+    _check_shape(tuple(pattern.shape), where)
+    m, n = pattern.shape
+    coo = pattern.tocoo()
+    data = np.asarray(coo.data)
+    _check_numpy_values(data, type(pattern).__name__, where)
+    keep = data != 0  # explicit zeros are not entries
+    rows = torch.from_numpy(np.asarray(coo.row)[keep].astype(np.int64))
+    cols = torch.from_numpy(np.asarray(coo.col)[keep].astype(np.int64))
+    return m, n, *_unique(rows, cols, n)  # scipy allows duplicates, in any order
+
+
+def _numpy_nonzeros(pattern: Any, where: str) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    import numpy as np  # pattern has __array__, so numpy is installed
+
+    try:
+        array = np.asarray(pattern)
+    except Exception as error:  # whatever __array__ raises: the pattern is unusable
+        raise TypeError(
+            f"{where}: could not convert the {type(pattern).__name__} pattern to an array "
+            f"({error}). Pass a bool torch.Tensor."
+        ) from None
+    _check_numpy_values(array, type(pattern).__name__, where)
+    _check_shape(array.shape, where)
+    # A contiguous native bool copy: torch refuses negative strides and byte-swapped data.
+    mask = torch.from_numpy(np.ascontiguousarray(array != 0))
+    rows, cols = mask.nonzero().T
+    return array.shape[0], array.shape[1], rows, cols
+
+
+def _check_numpy_values(array: Any, kind: str, where: str) -> None:
+    if array.dtype.kind == "c":
+        raise TypeError(
+            f"{where}: expected a bool (or 0/1 integer or real) pattern, got dtype "
+            f"{array.dtype}. Pass pattern != 0."
+        )
+    if array.dtype.kind not in "biuf":  # bool, signed, unsigned, floating
+        raise TypeError(
+            f"{where}: expected a bool (or 0/1 integer or real) pattern, got {kind} of dtype "
+            f"{array.dtype}. Convert it, e.g. torch.tensor(..., dtype=torch.bool)."
+        )
+    bad = array[(array != 0) & (array != 1)]
+    if bad.size:
+        raise ValueError(
+            f"{where}: a pattern holds only 0 and 1 (or False and True), got the value "
+            f"{bad.flat[0].item()}. Pass pattern != 0 to mark every non-zero."
+        )
+
+
+def _check_shape(shape: tuple[int, ...], where: str, hybrid: bool = False) -> None:
+    if len(shape) != 2 or hybrid:
+        raise ValueError(
+            f"{where}: expected a 2-D (outputs, inputs) pattern, got shape "
+            f"{tuple(shape)}. Reshape it to (m, n): m output elements by n input elements."
+        )
+
+
+def _check_values(values: torch.Tensor, where: str) -> None:
     bad = values[(values != 0) & (values != 1)]
     if bad.numel():
         raise ValueError(
-            f"{_WHERE}: a pattern holds only 0 and 1 (or False and True), got the value "
+            f"{where}: a pattern holds only 0 and 1 (or False and True), got the value "
             f"{bad[0].item()}. Pass pattern != 0 to mark every non-zero."
         )
+
+
+def _unique(rows: torch.Tensor, cols: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct ``(row, col)`` pairs, sorted by row then column."""
+    keys = torch.unique(rows * n + cols)  # n > 0 whenever there is a pair
+    return keys // max(n, 1), keys % max(n, 1)
 
 
 def _intersection_graph(
