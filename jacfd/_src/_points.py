@@ -117,6 +117,8 @@ class AxisPoints(PointSet):
         self.offsets, self.contractions = offsets, contractions
         self.imaginary = contractions[0].imaginary
         self.chunks = plan_chunks(sizes, len(offsets), with_center, chunk_size)
+        self._moves: dict[Chunk, list[tuple[int, int, int, list[tuple[int, int, int]]] | None]]
+        self._moves = {}
 
     def rows(self, chunk: Chunk) -> int:
         return int(chunk.with_center) + len(self.offsets) * chunk.count
@@ -126,40 +128,58 @@ class AxisPoints(PointSet):
     ) -> Leaves:
         """A leaf with no coordinate in the chunk is identical in every row, so it
         is passed unbatched (``in_dims`` None) rather than copied."""
+        moves = self._moves.get(chunk)
+        if moves is None:
+            moves = self._moves[chunk] = self._plan_moves(chunk, [p.numel() for p in primals])
         rows = self.rows(chunk)
         leaves: list[torch.Tensor] = []
         in_dims: list[int | None] = []
-        first = 0
-        for leaf, h in zip(primals, steps):
-            numel = leaf.numel()
-            lo, hi = max(chunk.start - first, 0), min(chunk.stop - first, numel)
-            first += numel
-            if lo >= hi:
+        for leaf, h, move in zip(primals, steps, moves):
+            if move is None:
                 # The complex step makes every differentiated leaf complex.
                 leaves.append(
                     torch.complex(leaf, torch.zeros_like(leaf)) if self.imaginary else leaf
                 )
                 in_dims.append(None)
                 continue
+            numel, lo, hi, diagonals = move
             base = leaf.reshape(1, numel)
             if self.imaginary:
                 base = torch.complex(base, torch.zeros_like(base))
             batch = base.expand(rows, numel).clone(memory_format=torch.contiguous_format)
-            # The chunk's coordinates lo..hi of this leaf sit on a diagonal of each
-            # offset's block of rows: add the steps along that diagonal view.
-            row = first - numel + lo - chunk.start + int(chunk.with_center)
             flat = batch.view(-1)
-            for k, offset in enumerate(self.offsets):
-                # The diagonal of the block at (row of offset k, column lo), as one
-                # strided slice of the flat batch.
-                top = (row + k * chunk.count) * numel + lo
-                diagonal = flat[top : top + (hi - lo) * (numel + 1) : numel + 1]
-                step = h[lo:hi] if hi - lo < numel else h
-                step = step * offset if offset != 1 else step
-                (diagonal.imag if self.imaginary else diagonal).add_(step)
-            leaves.append(batch.view(rows, *leaf.shape))
+            step = h[lo:hi] if hi - lo < numel else h
+            for start, stop, offset in diagonals:
+                diagonal = flat[start : stop : numel + 1]
+                (diagonal.imag if self.imaginary else diagonal).add_(
+                    step * offset if offset != 1 else step
+                )
+            leaves.append(batch.view(rows, *leaf.shape) if leaf.dim() != 1 else batch)
             in_dims.append(0)
         return leaves, in_dims
+
+    def _plan_moves(
+        self, chunk: Chunk, numels: list[int]
+    ) -> list[tuple[int, int, int, list[tuple[int, int, int]]] | None]:
+        """Per leaf: None if the chunk has none of its coordinates, else its size,
+        the chunk's coordinates ``lo:hi`` in it, and for each offset the strided
+        slice of the flat batch that is the diagonal of that offset's block of rows
+        (row of the offset's first direction, column lo)."""
+        moves: list[tuple[int, int, int, list[tuple[int, int, int]]] | None] = []
+        first = 0
+        for numel in numels:
+            lo, hi = max(chunk.start - first, 0), min(chunk.stop - first, numel)
+            if lo >= hi:
+                moves.append(None)
+            else:
+                row = first + lo - chunk.start + int(chunk.with_center)
+                diagonals = []
+                for k, offset in enumerate(self.offsets):
+                    top = (row + k * chunk.count) * numel + lo
+                    diagonals.append((top, top + (hi - lo) * (numel + 1), offset))
+                moves.append((numel, lo, hi, diagonals))
+            first += numel
+        return moves
 
     def direction_steps(self, chunk: Chunk, steps: torch.Tensor) -> torch.Tensor | None:
         return steps[chunk.start : chunk.stop]
