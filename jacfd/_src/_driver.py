@@ -54,9 +54,11 @@ def run_points(call: Call, options: Options) -> Columns:
     """Evaluates and reduces the call's point set, redoing the steps once if the
     outputs turn out coarser than the inputs (the output dtype is only known
     after an evaluation: one wasted evaluation, only in that case)."""
+    remembered = call.plan.output_eps
     try:
-        return _run(call, options, 0.0)
+        return _run(call, options, remembered[0])
     except CoarserOutput as coarser:
+        remembered[0] = coarser.eps
         return _run(call, options, coarser.eps)
 
 

@@ -134,6 +134,9 @@ class Plan:
     """What the structure decided for this signature (e.g. the batch size)."""
     checked_dtypes: dict[float, list[torch.dtype]] = field(default_factory=dict)
     """Output dtypes already checked (per output precision): not checked again."""
+    output_eps: list[float] = field(default_factory=lambda: [0.0])
+    """The outputs' eps once func turned out to compute coarser than its inputs:
+    later calls step for it at once, instead of redoing the first chunk."""
 
 
 @dataclass
@@ -217,7 +220,7 @@ class Planner:
             match_delta(name, options.delta, primals, spec),
             points,
             calls,
-            len(primals) > 1 and getattr(points, "shares_leaves", False),
+            len(primals) > 1 and points.shares_leaves,
             extra,
         )
 

@@ -73,6 +73,8 @@ class PointSet:
 
     chunks: list[Chunk]
     imaginary: bool = False
+    shares_leaves: bool = False
+    """Whether some chunk passes an unperturbed differentiated leaf as it is."""
 
     def rows(self, chunk: Chunk) -> int:
         raise NotImplementedError
@@ -105,6 +107,9 @@ class PointSet:
 
 class AxisPoints(PointSet):
     """``x + o h_j e_j`` for the stencil's offsets and every coordinate ``j``."""
+
+    shares_leaves = True
+    """A chunk passes the leaves it does not perturb as they are (not copied)."""
 
     def __init__(
         self,
@@ -244,6 +249,8 @@ class ColorPoints(AxisPoints):
                 batch.view(-1).index_add_(0, row * numel + column, step * offset)
             leaves.append(batch[:rows].view(rows, *leaf.shape))
         return leaves, [0] * len(leaves)
+
+    shares_leaves = False  # every leaf is batched
 
     def direction_steps(self, chunk: Chunk, steps: torch.Tensor) -> torch.Tensor | None:
         return None  # a colour's columns have different steps: divided on decompression

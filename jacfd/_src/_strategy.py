@@ -346,7 +346,7 @@ def resolve_strategy(
             f"{STRATEGIES} or a jacfd.Batched(...)."
         )
     if isinstance(strategy, Batched):
-        if randomness == "same":
+        if randomness == "same" and not strategy.common_random_numbers:
             raise ValueError(
                 f"{where}(func, strategy=Batched(...), randomness='same'): a real batch "
                 "draws different random numbers for each point. Use strategy='vmap' or "
