@@ -140,3 +140,23 @@ def test_random_errors_name_the_transform_called() -> None:
 
     with pytest.raises(RuntimeError, match=r"^hessfd: func used the random number generator"):
         hessfd(noisy, strategy="loop")(torch.rand(2, dtype=F64))
+
+
+def test_coarser_output_is_remembered_by_the_plan() -> None:
+    """float32 arithmetic on float64 inputs: the first call redoes its first chunk
+    with float32-sized steps; later calls step for float32 at once."""
+    calls = [0]
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        return torch.sin(x.float())
+
+    transform = jacfd(f, strategy="loop")
+    x = torch.rand(4, dtype=F64)
+    first = transform(x)
+    assert calls[0] == 2 * 8  # central: 8 points, evaluated twice
+    calls[0] = 0
+    again = transform(x)
+    assert calls[0] == 8
+    assert torch.equal(first, again)
+    torch.testing.assert_close(first, torch.diag(torch.cos(x)).float(), atol=1e-4, rtol=0)
