@@ -73,6 +73,8 @@ class PointSet:
 
     chunks: list[Chunk]
     imaginary: bool = False
+    shares_leaves: bool = False
+    """Whether ``build`` passes a leaf outside the chunk as it is (unbatched)."""
 
     def rows(self, chunk: Chunk) -> int:
         raise NotImplementedError
@@ -105,6 +107,8 @@ class PointSet:
 
 class AxisPoints(PointSet):
     """``x + o h_j e_j`` for the stencil's offsets and every coordinate ``j``."""
+
+    shares_leaves = True
 
     def __init__(
         self,
