@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_map
 
+from ._buffers import kept_buffers
 from ._plan import Call, Options
 from ._points import Blocks
 from ._random import rng_for
@@ -54,10 +55,11 @@ def run_points(call: Call, options: Options) -> Columns:
     """Evaluates and reduces the call's point set, redoing the steps once if the
     outputs turn out coarser than the inputs (the output dtype is only known
     after an evaluation: one wasted evaluation, only in that case)."""
-    try:
-        return _run(call, options, 0.0)
-    except CoarserOutput as coarser:
-        return _run(call, options, coarser.eps)
+    with kept_buffers(call.modules, options.name):
+        try:
+            return _run(call, options, 0.0)
+        except CoarserOutput as coarser:
+            return _run(call, options, coarser.eps)
 
 
 def steps_for(call: Call, options: Options, output_eps: float) -> list[torch.Tensor]:
