@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_map
 
+from ._buffers import kept_buffers
 from ._plan import Call, Options
 from ._points import Blocks
 from ._random import rng_for
@@ -55,11 +56,12 @@ def run_points(call: Call, options: Options) -> Columns:
     outputs turn out coarser than the inputs (the output dtype is only known
     after an evaluation: one wasted evaluation, only in that case)."""
     remembered = call.plan.output_eps
-    try:
-        return _run(call, options, remembered[0])
-    except CoarserOutput as coarser:
-        remembered[0] = coarser.eps
-        return _run(call, options, coarser.eps)
+    with kept_buffers(call.modules, options.name):
+        try:
+            return _run(call, options, remembered[0])
+        except CoarserOutput as coarser:
+            remembered[0] = coarser.eps
+            return _run(call, options, coarser.eps)
 
 
 def steps_for(call: Call, options: Options, output_eps: float) -> list[torch.Tensor]:

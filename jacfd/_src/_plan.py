@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_map_only
 
+from ._buffers import modules_of
 from ._inputs import (
     Argnums,
     check_argnums,
@@ -148,6 +149,8 @@ class Call:
     at_point: Callable[..., Any]
     """The leaves -> ``out``, or ``(out, aux)`` with has_aux, checked; the keyword
     ``others`` maps the tensors of the non-differentiated arguments."""
+    modules: tuple[torch.nn.Module, ...] = ()
+    """The modules func visibly uses, whose buffers are kept (see ``_buffers``)."""
 
 
 PointsFactory = Callable[[list[torch.Tensor]], "tuple[PointSet, Any]"]
@@ -163,6 +166,7 @@ class Planner:
         self._plans: dict[Any, Plan] = {}
         self._argnums: dict[int, tuple[int, ...] | None] = {}
         self._lock = threading.Lock()
+        self.modules = modules_of(func)
 
     def prepare(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
         options = self.options
@@ -197,7 +201,7 @@ class Planner:
                     self._plans[key] = plan
             else:
                 plan = cached
-        return Call(plan, primals, self._at_point(plan, args, kwargs))
+        return Call(plan, primals, self._at_point(plan, args, kwargs), self.modules)
 
     def _plan(self, args: tuple[Any, ...], primals: list[torch.Tensor]) -> Plan:
         options, name = self.options, self.options.name

@@ -9,7 +9,8 @@ also tell func's own draws from those of other threads.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Literal, TypeAlias
 
 import torch
@@ -26,12 +27,23 @@ RANDOM_HINT = (
 
 
 class RandomState:
-    """The generator states of the CPU and of the CUDA devices func runs on."""
+    """Common random numbers across calls of func, and a watch on the generators.
+
+    The generator states at construction are the numbers every replayed call
+    draws. A replayed call does not touch the process-wide generators, which
+    other threads share: a thread-local dispatch mode hands func's random ops
+    private generators, reset to those states before each call (see
+    :meth:`replay`).
+    """
 
     def __init__(self, devices: Sequence[torch.device]) -> None:
         self.cuda_indices = sorted({d.index or 0 for d in devices if d.type == "cuda"})
         self.start = self._read()
-        self.end: list[torch.Tensor] | None = None
+        self.starts: dict[torch.device, torch.Tensor] = {_CPU: self.start[0]}
+        for index, state in zip(self.cuda_indices, self.start[1:]):
+            self.starts[torch.device("cuda", index)] = state
+        self.end: dict[torch.device, torch.Tensor] | None = None
+        self.advanced = False
 
     def _read(self) -> list[torch.Tensor]:
         cpu = torch.default_generator.get_state()  # (torch.get_rng_state adds a wrapper)
@@ -49,29 +61,83 @@ class RandomState:
         now = self._read()
         return not all(torch.equal(a, b) for a, b in zip(now, self.start))
 
-    def check_replayed(self, where: str) -> None:
-        """After a replayed call: every call must end in the same state. If one
-        does not, another thread drew numbers in between, and the points no
-        longer share theirs."""
-        end = self._read()
+    @contextmanager
+    def replay(self, where: str) -> Iterator[None]:
+        """One call of func that draws the numbers of every other replayed call."""
+        mode = _PrivateGenerators(self.starts)
+        with mode:
+            yield
+        end = {device: g.get_state() for device, g in mode.generators.items()}
         if self.end is None:
             self.end = end
-        elif not all(torch.equal(a, b) for a, b in zip(end, self.end)):
+        elif end.keys() != self.end.keys() or not all(
+            torch.equal(state, self.end[device]) for device, state in end.items()
+        ):
             raise RuntimeError(
-                f"{where}(func, randomness='same'): the random number generator moved "
-                "differently between stencil points, so they did not share their random "
-                "numbers: another thread drew random numbers while func was evaluated, or "
-                "func draws a data-dependent amount. Evaluate jacfd in one thread at a "
-                "time (the generator is process-wide), or make func deterministic."
+                f"{where}(func, randomness='same'): func drew a different amount of random "
+                "numbers at different stencil points, so they did not share their random "
+                "numbers (data-dependent sampling, or a random op given its own generator). "
+                "Make the draws independent of the input, or make func deterministic."
             )
+        if not self.advanced:
+            # Move the process-wide generators on as one call of func would, so
+            # that the next transform draws new numbers; unless another thread
+            # already moved them (then they are fresh anyway, and setting them
+            # would rewind that thread).
+            self.advanced = True
+            for device, state in end.items():
+                generator = _default_generator(device)
+                if torch.equal(generator.get_state(), self.starts[device]):
+                    generator.set_state(state)
 
 
-class _SeededOps(TorchDispatchMode):  # type: ignore[no-untyped-call]
-    """Sees, in this thread only, whether any op that draws random numbers runs."""
+_CPU = torch.device("cpu")
 
-    def __init__(self) -> None:
+
+def _default_generator(device: torch.device) -> torch.Generator:
+    if device.type == "cpu":
+        return torch.default_generator
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return (
+        torch.cuda.default_generators[index] if device.type == "cuda" else torch.Generator(device)
+    )
+
+
+def _device_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.device:
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            return arg.device
+    device = kwargs.get("device")
+    return torch.device(device) if device is not None else _CPU
+
+
+# Random ops without a generator argument that are a fill of a new tensor: the
+# same numbers from a given generator (as their composite kernels draw them).
+_LIKE_FILLS: dict[Any, Callable[..., Any]] = {
+    torch.ops.aten.rand_like.default: lambda t, g: t.uniform_(0, 1, generator=g),
+    torch.ops.aten.randn_like.default: lambda t, g: t.normal_(0, 1, generator=g),
+}
+
+
+class _PrivateGenerators(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """Gives func's random ops, in this thread only, private generators that
+    start from ``starts``: the process-wide ones are neither read nor moved, so
+    other threads cannot take or change func's numbers."""
+
+    def __init__(self, starts: dict[torch.device, torch.Tensor]) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
-        self.seen = False
+        self.starts = starts
+        self.generators: dict[torch.device, torch.Generator] = {}
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        generator = self.generators.get(device)
+        if generator is None:
+            if device not in self.starts:  # a device first seen now: its state from now
+                self.starts[device] = _default_generator(device).get_state()
+            generator = torch.Generator(device)
+            generator.set_state(self.starts[device])
+            self.generators[device] = generator
+        return generator
 
     def __torch_dispatch__(
         self,
@@ -80,21 +146,49 @@ class _SeededOps(TorchDispatchMode):  # type: ignore[no-untyped-call]
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
-        if torch.Tag.nondeterministic_seeded in func.tags:
-            self.seen = True
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if torch.Tag.nondeterministic_seeded not in func.tags or kwargs.get("generator"):
+            return func(*args, **kwargs)  # (a generator of func's own is left alone)
+        generator = self._generator(_device_of(args, kwargs))
+        if any(a.name == "generator" for a in func._schema.arguments):
+            return func(*args, **kwargs, generator=generator)
+        packet, name = func.overloadpacket, func._overloadname
+        with_generator = getattr(
+            packet, "generator" if name == "default" else f"{name}_generator", None
+        )
+        if with_generator is not None:  # rand, randn, randint, randperm
+            return with_generator(*args, **kwargs, generator=generator)
+        if func in _LIKE_FILLS:
+            return _LIKE_FILLS[func](torch.empty_like(*args, **kwargs), generator)
+        if func is torch.ops.aten.randint_like.default:
+            return torch.empty_like(args[0], **kwargs).random_(0, args[1], generator=generator)
+        if func is torch.ops.aten.randint_like.low_dtype:
+            return torch.empty_like(args[0], **kwargs).random_(
+                args[1], args[2], generator=generator
+            )
+        # A fused kernel with no generator argument (CUDA dropout, attention):
+        # lend it the private state through the process-wide generator.
+        shared = _default_generator(generator.device)
+        saved = shared.get_state()
+        shared.set_state(generator.get_state())
+        try:
+            return func(*args, **kwargs)
+        finally:
+            generator.set_state(shared.get_state())
+            shared.set_state(saved)
 
 
 def draws_random_numbers(call: Callable[[], Any]) -> bool:
     """Whether ``call()`` runs a random op in this thread (it is run once more)."""
-    watch = _SeededOps()
-    state = RandomState([])
-    try:
-        with watch:
-            call()
-    finally:
-        state.restore()
-    return watch.seen
+    watch = _PrivateGenerators({})  # func's draws, if any, leave the generators alone
+    with watch:
+        call()
+    return bool(watch.generators)
+
+
+def replaying(rng: RandomState | None, where: str) -> AbstractContextManager[None]:
+    """:meth:`RandomState.replay`, or nothing without a state to replay."""
+    return nullcontext() if rng is None else rng.replay(where)
 
 
 def rng_for(

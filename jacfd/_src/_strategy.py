@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Literal, TypeAlias
 import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from ._random import RANDOM_HINT, Randomness, RandomState, draws_random_numbers
+from ._random import RANDOM_HINT, Randomness, RandomState, draws_random_numbers, replaying
 
 VMAP_HINT = (
     "func works on ordinary tensors, so it does something torch.vmap cannot batch "
@@ -86,18 +86,14 @@ class Vmap(Strategy):
     ) -> Any:
         if all(d is None for d in in_dims):  # nothing to batch: one point
             return Loop().run(fn, leaves, in_dims, rows, where, rng)
-        if rng is not None:
-            rng.restore()
         try:
-            result = torch.func.vmap(fn, in_dims=tuple(in_dims), randomness=self.randomness)(
-                *leaves
-            )
+            with replaying(rng, where):
+                return torch.func.vmap(fn, in_dims=tuple(in_dims), randomness=self.randomness)(
+                    *leaves
+                )
         except (RuntimeError, NotImplementedError) as error:
             _explain_vmap_failure(fn, leaves, in_dims, where, error)
             raise
-        if rng is not None:
-            rng.check_replayed(where)
-        return result
 
 
 def _explain_vmap_failure(
@@ -146,11 +142,8 @@ class Loop(Strategy):
         per_row = [x.unbind(0) if d is not None else (x,) * rows for x, d in zip(leaves, in_dims)]
         outputs = []
         for point in zip(*per_row):
-            if rng is not None:
-                rng.restore()
-            outputs.append(fn(*point))
-            if rng is not None:
-                rng.check_replayed(where)
+            with replaying(rng, where):
+                outputs.append(fn(*point))
         return _stack(outputs)
 
 
