@@ -22,7 +22,8 @@ import torch
 
 
 def modules_of(func: Callable[..., Any]) -> tuple[torch.nn.Module, ...]:
-    """The modules func visibly calls (searched once per transform, two levels deep)."""
+    """The modules with buffers among those func visibly calls and their submodules
+    (searched once per transform, two levels deep)."""
     found: dict[int, torch.nn.Module] = {}
     todo: list[tuple[object, int]] = [(func, 0)]
     while todo:
@@ -48,7 +49,15 @@ def modules_of(func: Callable[..., Any]) -> tuple[torch.nn.Module, ...]:
             for o in inner
             if isinstance(o, torch.nn.Module) or (callable(o) and not inspect.isclass(o))
         ]
-    return tuple(found.values())
+    # Only the submodules that own buffers matter, found once: the per-call check
+    # then costs nothing for the usual module without buffers.
+    owners = {
+        id(sub): sub
+        for module in found.values()
+        for sub in module.modules()
+        if any(b is not None for b in sub._buffers.values())
+    }
+    return tuple(owners.values())
 
 
 @contextlib.contextmanager
@@ -60,12 +69,11 @@ def kept_buffers(modules: tuple[torch.nn.Module, ...], where: str) -> Iterator[N
     buffers: dict[int, tuple[str, torch.Tensor]] = {}
     for module in modules:
         # Only modules in train mode update their buffers in forward (BatchNorm's
-        # statistics): an eval-mode model costs a walk, not a copy.
-        for prefix, sub in module.named_modules():
-            if sub.training:
-                for name, buffer in sub.named_buffers(prefix=prefix, recurse=False):
-                    if buffer is not None:
-                        buffers.setdefault(id(buffer), (name, buffer))
+        # statistics): an eval-mode model costs a check, not a copy.
+        if module.training:
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    buffers.setdefault(id(buffer), (f"{type(module).__name__}.{name}", buffer))
     if not buffers:
         yield
         return

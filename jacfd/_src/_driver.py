@@ -55,13 +55,19 @@ def run_points(call: Call, options: Options) -> Columns:
     """Evaluates and reduces the call's point set, redoing the steps once if the
     outputs turn out coarser than the inputs (the output dtype is only known
     after an evaluation: one wasted evaluation, only in that case)."""
+    if call.modules:  # modules with buffers: put back what func changes in them
+        with kept_buffers(call.modules, options.name):
+            return _with_output_precision(call, options)
+    return _with_output_precision(call, options)
+
+
+def _with_output_precision(call: Call, options: Options) -> Columns:
     remembered = call.plan.output_eps
-    with kept_buffers(call.modules, options.name):
-        try:
-            return _run(call, options, remembered[0])
-        except CoarserOutput as coarser:
-            remembered[0] = coarser.eps
-            return _run(call, options, coarser.eps)
+    try:
+        return _run(call, options, remembered[0])
+    except CoarserOutput as coarser:
+        remembered[0] = coarser.eps
+        return _run(call, options, coarser.eps)
 
 
 def steps_for(call: Call, options: Options, output_eps: float) -> list[torch.Tensor]:
