@@ -68,10 +68,15 @@ def jacfd(
         scheme: ``"central"`` (default), ``"forward"``, ``"backward"``, or
             ``"complex"``: the complex step ``Im f(x + ih) / h``, exact to
             rounding for real-analytic ``func`` that accepts complex tensors.
-            jacfd rejects functions that fail on complex input or return real
-            tensors for it, but cannot see a non-analytic op whose result stays
-            complex (``x.abs() * x``, ``torch.logsumexp``): check such a
-            function once against ``"central"``.
+            jacfd rejects functions that fail on complex input or return only
+            real tensors for it, but cannot see a non-analytic op whose result
+            stays complex (``x.abs() * x``, ``torch.logsumexp``): check such a
+            function once against ``"central"``. When another output leaf is
+            complex, a real output leaf that is the same at every point is taken
+            as independent of the input (derivative 0, as in ``jacfwd``); a real
+            leaf that changes is refused. A real leaf that discards the imaginary
+            part (``x.abs()``, ``x.real``) does not change at a step of ``eps``,
+            so it too gets 0: make such leaves complex-aware, or use ``"central"``.
         order: The power of ``h`` in the truncation error: 2 (default), 4, 6 or 8
             for ``"central"`` (3, 5, 7 or 9 points); 1 (default) to 4 for
             ``"forward"``/``"backward"``. Higher orders cost more evaluations
@@ -272,7 +277,9 @@ def jacfd_with_error(
     ``(2**p D_h - D_2h) / (2**p - 1)``, which cancels the leading error term.
     The error estimate adds the spread ``|D_h - D_2h| / (2**p - 1)`` (the
     truncation error of ``D_h``, an upper bound for the extrapolated result's)
-    and a rounding bound ``4 eps sum_k |w_k| |f(x_k)| / h``.
+    and a rounding bound ``4 eps sum_k |w_k| |f(x_k)| / h``. Where both estimates
+    are exactly zero (every difference was: e.g. an output that does not depend
+    on an input), the Jacobian entry and its error are exactly zero.
 
     Takes the same arguments as :func:`jacfd`; the step rule is that of
     ``scheme`` and ``order``, and costs twice its evaluations. At that step
@@ -326,7 +333,7 @@ def jacfd_with_error(
     def jacobian_with_error(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
         call = planner.prepare(args, kwargs)
         columns = run_points(call, options)
-        _, spread_blocks, magnitude_blocks = columns.blocks
+        value_blocks, spread_blocks, magnitude_blocks = columns.blocks
         # The rounding of one evaluation, relative: eps of the coarser of input and output.
         input_eps = torch.cat(
             [
@@ -335,11 +342,15 @@ def jacfd_with_error(
             ]
         )
         error_blocks = []
-        for spread_block, magnitude in zip(spread_blocks, magnitude_blocks):
+        for value, spread_block, magnitude in zip(value_blocks, spread_blocks, magnitude_blocks):
             eps = input_eps.clamp_min(torch.finfo(magnitude.dtype).eps)
             eps = (eps**options.noise_exponent).to(magnitude.device, magnitude.dtype)
             scale = eps.reshape(-1, *([1] * (magnitude.dim() - 1)))
-            error_blocks.append(spread_block.abs() + ROUNDING_SAFETY * scale * magnitude)
+            error = spread_block.abs() + ROUNDING_SAFETY * scale * magnitude
+            # Both estimates exactly zero: the differences were, func did not move
+            # (an output that does not depend on the input), and the error is zero.
+            moved = (value != 0) | (spread_block != 0)
+            error_blocks.append(torch.where(moved, error, torch.zeros_like(error)))
         jac = dense.assemble(options, call, columns, 0)
         plan = call.plan
         error = to_torch_func_layout(

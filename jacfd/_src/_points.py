@@ -329,15 +329,15 @@ class MixedPoints(PointSet):
         diagonal = sum(w * axis[a] for a, w in self.w2.items() if a) / (h * h)
         m = i.numel()
         start = len(self.axis) * n
+        raw = {a: f[k * n : (k + 1) * n] for k, a in enumerate(self.axis)}
         mixed = torch.zeros(m, f.shape[1], dtype=f.dtype, device=f.device)
         for k, (a, b) in enumerate(self.products):
-            pair = f[start + k * m : start + (k + 1) * m] - f0
-            # f(a, b) - f0 minus the axis terms: the a=0 / b=0 products, whose weights
-            # s1_0 s1_b and s1_a s1_0 make the full product stencil.
-            mixed = mixed + self.w1[a] * self.w1[b] * pair
-        for a, w in self.w1.items():  # the product stencil's terms with one offset zero
-            if a and 0 in self.w1:
-                mixed = mixed + w * self.w1[0] * (axis[a][i] + axis[a][j])
+            # The weights of each offset sum to zero, so the product stencil is that of
+            # the second differences (f(a,b) - f(a,0)) - (f(0,b) - f0): both brackets are
+            # bitwise equal where func ignores x_i, and both zero where it ignores x_j,
+            # so the entry is exactly zero, as the terms with a zero offset are.
+            pair = f[start + k * m : start + (k + 1) * m] - raw[a][i]
+            mixed = mixed + self.w1[a] * self.w1[b] * (pair - axis[b][j])
         mixed = mixed / (h[i] * h[j])
         positions = torch.cat([torch.arange(n, device=f.device) * (n + 1), i * n + j, j * n + i])
         entries = torch.cat([diagonal if n else f0.new_empty(0, f.shape[1]), mixed, mixed])
