@@ -210,7 +210,18 @@ def _structure(
         return PerSample(batch_dim)
     if sparsity is None:
         return Dense()
-    return Sparse(color_columns(sparsity), sparse_output)
+    if isinstance(sparsity, torch.Tensor) and torch._C._functorch.is_batchedtensor(sparsity):
+        raise ValueError(
+            "jacfd(func, sparsity): the pattern differs across a torch.func.vmap batch "
+            "(it was computed from a vmapped tensor); one pattern must serve every sample. "
+            "Build it outside vmap, e.g. from the union of the samples' patterns."
+        )
+    # Colouring is plain index arithmetic on the pattern, with no derivative; under
+    # torch.func.grad or vmap (a transform built inside them) the sparse CSR
+    # products it uses have no functorch support, so it runs outside them.
+    with torch._C._DisableFuncTorch():
+        coloring = color_columns(sparsity)
+    return Sparse(coloring, sparse_output)
 
 
 @overload

@@ -282,7 +282,7 @@ class MixedPoints(PointSet):
         flat = torch.cat([p.reshape(-1).to(h.dtype) for p in primals])
         batch = flat.expand(stop - start, self.n).clone(memory_format=torch.contiguous_format)
         base = torch.arange(stop - start, device=flat.device) * self.n
-        for coord, multiple in ((self.c1, self.m1), (self.c2, self.m2)):
+        for coord, multiple in ((self.c1, self.m1), (self.c2, self.m2)) if self.n else ():
             c, mm = coord[start:stop], multiple[start:stop]
             batch.view(-1).index_add_(0, base + c, mm.to(h.dtype) * h[c])
         leaves, first = [], 0
@@ -315,7 +315,9 @@ class MixedPoints(PointSet):
         for k, f0 in enumerate(center):
             values = joined[k] if joined else f0.new_empty((0, *f0.shape))
             blocks.append(
-                self._hessian(values.reshape(values.shape[0], -1), f0.reshape(-1), steps, f0.shape)
+                self._hessian(
+                    values.reshape(values.shape[0], f0.numel()), f0.reshape(-1), steps, f0.shape
+                )
             )
         return [blocks]
 
