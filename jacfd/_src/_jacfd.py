@@ -288,9 +288,10 @@ def jacfd_with_error(
     ``(2**p D_h - D_2h) / (2**p - 1)``, which cancels the leading error term.
     The error estimate adds the spread ``|D_h - D_2h| / (2**p - 1)`` (the
     truncation error of ``D_h``, an upper bound for the extrapolated result's)
-    and a rounding bound ``4 eps sum_k |w_k| |f(x_k)| / h``. Where both estimates
-    are exactly zero (every difference was: e.g. an output that does not depend
-    on an input), the Jacobian entry and its error are exactly zero.
+    and a rounding bound ``4 eps sum_k |w_k| |f(x_k)| / h``. Where every
+    difference is exactly zero (an output that does not depend on an input),
+    the Jacobian entry is exactly zero; its error keeps the rounding bound, as
+    a derivative below it would leave every value unchanged too.
 
     Takes the same arguments as :func:`jacfd`; the step rule is that of
     ``scheme`` and ``order``, and costs twice its evaluations. At that step
@@ -344,7 +345,7 @@ def jacfd_with_error(
     def jacobian_with_error(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
         call = planner.prepare(args, kwargs)
         columns = run_points(call, options)
-        value_blocks, spread_blocks, magnitude_blocks = columns.blocks
+        _, spread_blocks, magnitude_blocks = columns.blocks
         # The rounding of one evaluation, relative: eps of the coarser of input and output.
         input_eps = torch.cat(
             [
@@ -353,15 +354,11 @@ def jacfd_with_error(
             ]
         )
         error_blocks = []
-        for value, spread_block, magnitude in zip(value_blocks, spread_blocks, magnitude_blocks):
+        for spread_block, magnitude in zip(spread_blocks, magnitude_blocks):
             eps = input_eps.clamp_min(torch.finfo(magnitude.dtype).eps)
             eps = (eps**options.noise_exponent).to(magnitude.device, magnitude.dtype)
             scale = eps.reshape(-1, *([1] * (magnitude.dim() - 1)))
-            error = spread_block.abs() + ROUNDING_SAFETY * scale * magnitude
-            # Both estimates exactly zero: the differences were, func did not move
-            # (an output that does not depend on the input), and the error is zero.
-            moved = (value != 0) | (spread_block != 0)
-            error_blocks.append(torch.where(moved, error, torch.zeros_like(error)))
+            error_blocks.append(spread_block.abs() + ROUNDING_SAFETY * scale * magnitude)
         jac = dense.assemble(options, call, columns, 0)
         plan = call.plan
         error = to_torch_func_layout(

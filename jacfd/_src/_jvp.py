@@ -147,11 +147,12 @@ def jvpfd(
             f"(the step along the tangent), got {type(delta).__name__}. Per-element steps "
             "have no meaning along one direction: scale the tangent instead."
         )
-    for p in flat_primals:
-        if not p.dtype.is_floating_point:
+    for p, v in zip(flat_primals, flat_tangents):
+        if not (p.dtype.is_floating_point and v.dtype.is_floating_point):
             raise TypeError(
-                "jvpfd(func, primals, tangents): every primal must be a real floating "
-                f"tensor, got dtype {p.dtype}. Convert it, e.g. x.double()."
+                "jvpfd(func, primals, tangents): every primal and tangent must be a real "
+                f"floating tensor, got dtypes {p.dtype} and {v.dtype}. Convert them, e.g. "
+                "x.double()."
             )
     # Differentiate along the direction scaled so that s = 1 moves no coordinate
     # by more than max(1, |x_k|): the automatic step in s is then the scheme's
