@@ -82,7 +82,7 @@ def steps_for(call: Call, options: Options, output_eps: float) -> list[torch.Ten
             for shape_dtype in plan.dtypes
         ]
     return [
-        exact_steps(leaf, spec, options.stencil, precision)
+        exact_steps(leaf, spec, options.stencil, precision, options.name)
         for leaf, spec, precision in zip(call.primals, plan.step_specs, precisions)
     ]
 
@@ -104,6 +104,7 @@ def _run(call: Call, options: Options, output_eps: float) -> Columns:
     center: list[torch.Tensor] | None = None
     aux: Any = None
     out_spec: TreeSpec | None = None
+    real_rows: dict[int, torch.Tensor] = {}
     for chunk in points.chunks:
         leaves, in_dims = points.build(chunk, primals, steps)
         try:
@@ -137,6 +138,8 @@ def _run(call: Call, options: Options, output_eps: float) -> Columns:
             if dtypes != plan.checked_dtypes.get(output_eps):
                 _check_outputs(call, options, flat_out, output_eps)
                 plan.checked_dtypes[output_eps] = dtypes
+        if points.imaginary:
+            flat_out = _real_leaves(where, flat_out, real_rows)
         if chunk.with_center:
             center = [value[0] for value in flat_out]
             flat_out = [value[1:] for value in flat_out]
@@ -162,9 +165,10 @@ def _run(call: Call, options: Options, output_eps: float) -> Columns:
 def _check_outputs(
     call: Call, options: Options, flat_out: list[torch.Tensor], output_eps: float
 ) -> None:
-    if options.stencil.imaginary and not all(value.is_complex() for value in flat_out):
+    if options.stencil.imaginary and not any(value.is_complex() for value in flat_out):
+        # Only real leaves: nothing shows that func propagates the imaginary part.
         raise TypeError(
-            f"{options.name}(func, scheme='complex'): func returned a real tensor for "
+            f"{options.name}(func, scheme='complex'): func returned only real tensors for "
             "complex input, so it is not real-analytic (abs, real, angle or a cast discard "
             f"the imaginary part). {COMPLEX_HINT}"
         )
@@ -174,3 +178,42 @@ def _check_outputs(
         for leaf, spec in zip(call.primals, call.plan.step_specs)
     ):
         raise CoarserOutput(coarsest)
+
+
+def _real_leaves(
+    where: str, flat_out: list[torch.Tensor], first_rows: dict[int, torch.Tensor]
+) -> list[torch.Tensor]:
+    """Complex-step outputs with the real leaves of a complex-aware func made complex.
+
+    Another leaf is complex, so func propagates the imaginary part; a real leaf
+    is then accepted only if it is bitwise the same at every point (compared with
+    the first row of the first chunk), as a leaf that does not depend on x is:
+    its derivative is exactly zero, as in ``jacfwd``. Where the values cannot be
+    read (under vmap or torch.compile), a varying leaf's derivative is NaN instead.
+    """
+    if all(value.is_complex() for value in flat_out):
+        return flat_out
+    result = []
+    for k, value in enumerate(flat_out):
+        if value.is_complex() or value.shape[0] == 0:
+            result.append(value)
+            continue
+        reference = first_rows.setdefault(k, value[:1])
+        same = ((value == reference) | (value.isnan() & reference.isnan())).all()
+        try:
+            varies = not torch.compiler.is_compiling() and not bool(same)
+        except RuntimeError:  # under vmap: data-dependent control flow is not allowed
+            varies = False
+        if varies:
+            raise TypeError(
+                f"{where}(func, scheme='complex'): func returned a real tensor (output "
+                f"leaf {k}) that changes with the imaginary step, so func is not "
+                "real-analytic there (abs, real, angle or a cast discard the imaginary "
+                f"part). {COMPLEX_HINT}"
+            )
+        if not value.dtype.is_floating_point:
+            value = value.to(torch.get_default_dtype())
+        zero = torch.zeros_like(value)
+        imag = torch.where(same, zero, torch.full_like(value, torch.nan))
+        result.append(torch.complex(value, imag))
+    return result

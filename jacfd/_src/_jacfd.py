@@ -68,10 +68,15 @@ def jacfd(
         scheme: ``"central"`` (default), ``"forward"``, ``"backward"``, or
             ``"complex"``: the complex step ``Im f(x + ih) / h``, exact to
             rounding for real-analytic ``func`` that accepts complex tensors.
-            jacfd rejects functions that fail on complex input or return real
-            tensors for it, but cannot see a non-analytic op whose result stays
-            complex (``x.abs() * x``, ``torch.logsumexp``): check such a
-            function once against ``"central"``.
+            jacfd rejects functions that fail on complex input or return only
+            real tensors for it, but cannot see a non-analytic op whose result
+            stays complex (``x.abs() * x``, ``torch.logsumexp``): check such a
+            function once against ``"central"``. When another output leaf is
+            complex, a real output leaf that is the same at every point is taken
+            as independent of the input (derivative 0, as in ``jacfwd``); a real
+            leaf that changes is refused. A real leaf that discards the imaginary
+            part (``x.abs()``, ``x.real``) does not change at a step of ``eps``,
+            so it too gets 0: make such leaves complex-aware, or use ``"central"``.
         order: The power of ``h`` in the truncation error: 2 (default), 4, 6 or 8
             for ``"central"`` (3, 5, 7 or 9 points); 1 (default) to 4 for
             ``"forward"``/``"backward"``. Higher orders cost more evaluations
@@ -205,7 +210,18 @@ def _structure(
         return PerSample(batch_dim)
     if sparsity is None:
         return Dense()
-    return Sparse(color_columns(sparsity), sparse_output)
+    if isinstance(sparsity, torch.Tensor) and torch._C._functorch.is_batchedtensor(sparsity):
+        raise ValueError(
+            "jacfd(func, sparsity): the pattern differs across a torch.func.vmap batch "
+            "(it was computed from a vmapped tensor); one pattern must serve every sample. "
+            "Build it outside vmap, e.g. from the union of the samples' patterns."
+        )
+    # Colouring is plain index arithmetic on the pattern, with no derivative; under
+    # torch.func.grad or vmap (a transform built inside them) the sparse CSR
+    # products it uses have no functorch support, so it runs outside them.
+    with torch._C._DisableFuncTorch():
+        coloring = color_columns(sparsity)
+    return Sparse(coloring, sparse_output)
 
 
 @overload
@@ -272,7 +288,10 @@ def jacfd_with_error(
     ``(2**p D_h - D_2h) / (2**p - 1)``, which cancels the leading error term.
     The error estimate adds the spread ``|D_h - D_2h| / (2**p - 1)`` (the
     truncation error of ``D_h``, an upper bound for the extrapolated result's)
-    and a rounding bound ``4 eps sum_k |w_k| |f(x_k)| / h``.
+    and a rounding bound ``4 eps sum_k |w_k| |f(x_k)| / h``. Where every
+    difference is exactly zero (an output that does not depend on an input),
+    the Jacobian entry is exactly zero; its error keeps the rounding bound, as
+    a derivative below it would leave every value unchanged too.
 
     Takes the same arguments as :func:`jacfd`; the step rule is that of
     ``scheme`` and ``order``, and costs twice its evaluations. At that step

@@ -80,8 +80,10 @@ def jvpfd(
     The derivative of ``t -> func(primals + t * tangents)`` at 0, from
     ``func(x)`` and one point (``"forward"``) or two (``"central"``) along the
     tangent, all in one vmap call. The automatic step is the scheme's relative
-    step scaled to the tangent: the points move by about
-    ``eps**(1/(p+1)) * max(1, max|x|)`` in the largest tangent coordinate.
+    step ``r`` scaled to the tangent: ``t = r * min_k max(1, |x_k|) / |v_k|``, so
+    that every coordinate moves by at most ``r * max(1, |x_k|)`` and the one that
+    limits the step by exactly that (coordinates that are NaN or infinite, or
+    have a zero tangent, are ignored).
 
     Args:
         func: A function of the primals returning a tensor or a pytree of
@@ -90,7 +92,8 @@ def jvpfd(
             pytree of them, so that ``func(*primals)`` is valid.
         tangents: The direction: the same structure and shapes as ``primals``.
         delta: ``None`` (default) for the automatic step, or a positive float
-            ``h``: the points are then ``primals + o * h * tangents``.
+            ``h``: the points are then ``primals + o * h * tangents``. A step
+            that moves no element is refused.
         scheme: ``"central"`` (default), ``"forward"``, ``"backward"`` or
             ``"complex"`` (``Im func(x + i h v) / h``).
         order: The power of h in the truncation error, as in :func:`jacfd`.
@@ -138,17 +141,32 @@ def jvpfd(
     if not flat_primals:
         raise ValueError("jvpfd(func, primals, tangents): primals hold no tensor.")
 
-    # Differentiate along the direction scaled so that s = 1 moves the largest
-    # tangent coordinate by max(1, max|x|): the automatic step in s is then the
-    # scheme's usual relative step. The coarsest input dtype sets the precision.
+    if delta is not None and (isinstance(delta, bool) or not isinstance(delta, (int, float))):
+        raise TypeError(
+            "jvpfd(func, primals, tangents, delta): delta must be None or a positive float "
+            f"(the step along the tangent), got {type(delta).__name__}. Per-element steps "
+            "have no meaning along one direction: scale the tangent instead."
+        )
+    for p, v in zip(flat_primals, flat_tangents):
+        if not (p.dtype.is_floating_point and v.dtype.is_floating_point):
+            raise TypeError(
+                "jvpfd(func, primals, tangents): every primal and tangent must be a real "
+                f"floating tensor, got dtypes {p.dtype} and {v.dtype}. Convert them, e.g. "
+                "x.double()."
+            )
+    # Differentiate along the direction scaled so that s = 1 moves no coordinate
+    # by more than max(1, |x_k|): the automatic step in s is then the scheme's
+    # relative step, and every coordinate moves by at most its own relative step
+    # (the one scaling by max|x| moved small coordinates far too far). The
+    # coarsest input dtype sets the precision.
     dtype = flat_primals[0].dtype
     for p in flat_primals[1:]:  # (max with a key does not trace under torch.compile)
         if torch.finfo(p.dtype).eps > torch.finfo(dtype).eps:
             dtype = p.dtype
-    size, reach = _max_abs(flat_tangents, dtype), _max_abs(flat_primals, dtype)
-    scale = torch.where(size > 0, reach.clamp_min(1.0) / size, torch.ones_like(size))
+    scale = _scale(flat_primals, flat_tangents, dtype)
     if delta is not None:
         scale = torch.ones_like(scale)
+        _check_moves(delta, flat_primals, flat_tangents)
 
     def along(s: torch.Tensor) -> Any:
         # Under strategy="batched", s is a batch of shifts: broadcast it along a
@@ -213,7 +231,45 @@ def _step_dtype(primal: torch.dtype, shift: torch.Tensor) -> torch.dtype:
     return torch.promote_types(primal, torch.complex64) if shift.is_complex() else primal
 
 
-def _max_abs(tensors: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """``max |t|`` over all elements (0 if there are none), as a 0-dim tensor."""
-    zero = torch.zeros(1, dtype=dtype, device=tensors[0].device)
-    return torch.cat([zero] + [t.detach().reshape(-1).abs().to(dtype) for t in tensors]).amax()
+def _scale(
+    primals: list[torch.Tensor], tangents: list[torch.Tensor], dtype: torch.dtype
+) -> torch.Tensor:
+    """``min_k max(1, |x_k|) / |v_k|`` over the coordinates with a finite, non-zero
+    tangent at a finite point (1 if there are none), as a 0-dim tensor.
+
+    A NaN or infinite coordinate must not spoil the step of all the others: only
+    the outputs that depend on it may be NaN.
+    """
+    inf = torch.full((1,), torch.inf, dtype=dtype, device=primals[0].device)
+    ratios = [inf]
+    for p, v in zip(primals, tangents):
+        x, t = p.detach().reshape(-1).to(dtype), v.detach().reshape(-1).to(dtype).abs()
+        valid = torch.isfinite(x) & torch.isfinite(t) & (t > 0)
+        ratio = x.abs().clamp_min(1.0) / torch.where(valid, t, torch.ones_like(t))
+        ratios.append(torch.where(valid, ratio, torch.full_like(ratio, torch.inf)))
+    scale = torch.cat(ratios).amin()
+    return torch.where(torch.isfinite(scale), scale, torch.ones_like(scale))
+
+
+def _check_moves(delta: float, primals: list[torch.Tensor], tangents: list[torch.Tensor]) -> None:
+    """Refuses a step that moves no coordinate with a non-zero tangent: the
+    derivative would be exactly zero, whatever func is."""
+    if torch.compiler.is_compiling():
+        return
+    anything, moved = False, False
+    for p, v in zip(primals, tangents):
+        x, t = p.detach(), v.detach()
+        live = torch.isfinite(x) & (t != 0)
+        point = x + (delta * t).to(x.dtype)
+        try:
+            anything = anything or bool(live.any())
+            moved = moved or bool((live & (point != x)).any())
+        except RuntimeError:  # under vmap: the values cannot be read
+            return
+    if anything and not moved:
+        raise ValueError(
+            f"jvpfd(func, primals, tangents, delta={delta!r}): the step moves no element "
+            "of the primals (x + delta * v == x after rounding), so the derivative would "
+            "be 0 whatever func is. Use a larger delta, a larger tangent, or delta=None "
+            "for the automatic step."
+        )

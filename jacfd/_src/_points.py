@@ -309,7 +309,7 @@ class MixedPoints(PointSet):
         flat = torch.cat([p.reshape(-1).to(h.dtype) for p in primals])
         batch = flat.expand(stop - start, self.n).clone(memory_format=torch.contiguous_format)
         base = torch.arange(stop - start, device=flat.device) * self.n
-        for coord, multiple in ((self.c1, self.m1), (self.c2, self.m2)):
+        for coord, multiple in ((self.c1, self.m1), (self.c2, self.m2)) if self.n else ():
             c, mm = coord[start:stop], multiple[start:stop]
             batch.view(-1).index_add_(0, base + c, mm.to(h.dtype) * h[c])
         leaves, first = [], 0
@@ -342,7 +342,9 @@ class MixedPoints(PointSet):
         for k, f0 in enumerate(center):
             values = joined[k] if joined else f0.new_empty((0, *f0.shape))
             blocks.append(
-                self._hessian(values.reshape(values.shape[0], -1), f0.reshape(-1), steps, f0.shape)
+                self._hessian(
+                    values.reshape(values.shape[0], f0.numel()), f0.reshape(-1), steps, f0.shape
+                )
             )
         return [blocks]
 
@@ -356,15 +358,15 @@ class MixedPoints(PointSet):
         diagonal = sum(w * axis[a] for a, w in self.w2.items() if a) / (h * h)
         m = i.numel()
         start = len(self.axis) * n
+        raw = {a: f[k * n : (k + 1) * n] for k, a in enumerate(self.axis)}
         mixed = torch.zeros(m, f.shape[1], dtype=f.dtype, device=f.device)
         for k, (a, b) in enumerate(self.products):
-            pair = f[start + k * m : start + (k + 1) * m] - f0
-            # f(a, b) - f0 minus the axis terms: the a=0 / b=0 products, whose weights
-            # s1_0 s1_b and s1_a s1_0 make the full product stencil.
-            mixed = mixed + self.w1[a] * self.w1[b] * pair
-        for a, w in self.w1.items():  # the product stencil's terms with one offset zero
-            if a and 0 in self.w1:
-                mixed = mixed + w * self.w1[0] * (axis[a][i] + axis[a][j])
+            # The weights of each offset sum to zero, so the product stencil is that of
+            # the second differences (f(a,b) - f(a,0)) - (f(0,b) - f0): both brackets are
+            # bitwise equal where func ignores x_i, and both zero where it ignores x_j,
+            # so the entry is exactly zero, as the terms with a zero offset are.
+            pair = f[start + k * m : start + (k + 1) * m] - raw[a][i]
+            mixed = mixed + self.w1[a] * self.w1[b] * (pair - axis[b][j])
         mixed = mixed / (h[i] * h[j])
         positions = torch.cat([torch.arange(n, device=f.device) * (n + 1), i * n + j, j * n + i])
         entries = torch.cat([diagonal if n else f0.new_empty(0, f.shape[1]), mixed, mixed])

@@ -116,12 +116,13 @@ def match_delta(
 
 
 def exact_steps(
-    leaf: torch.Tensor, step: StepSpec, stencil: Stencil, precision: float
+    leaf: torch.Tensor, step: StepSpec, stencil: Stencil, precision: float, name: str = "jacfd"
 ) -> torch.Tensor:
     """Flat, detached, exactly representable steps for one differentiated leaf.
 
     ``precision`` is the relative accuracy of func's values (the dtype's eps for
-    an ordinary function); the automatic step is ``precision**(1/(p+q))``.
+    an ordinary function); the automatic step is ``precision**(1/(p+q))``. A
+    user's step that rounds to zero (``x + h == x``) is refused, naming ``name``.
 
     The steps are constants for autograd: ``grad`` through jacfd then equals the
     finite difference of the gradient taken with the same steps.
@@ -136,5 +137,36 @@ def exact_steps(
     if stencil.imaginary:  # x + ih is exact: the step is the imaginary part itself
         return h
     if stencil.leading_direction > 0:
-        return torch.add(x, h).sub_(x)
-    return torch.sub(x, h).neg_().add_(x)  # x - (x - h), exactly
+        exact = torch.add(x, h).sub_(x)
+    else:
+        exact = torch.sub(x, h).neg_().add_(x)  # x - (x - h), exactly
+    if step is not None:  # the automatic step is never below max(1, |x|) * eps
+        check_moves(name, leaf, exact, h)
+    return exact
+
+
+def check_moves(name: str, leaf: torch.Tensor, exact: torch.Tensor, h: torch.Tensor) -> None:
+    """Refuses a user's step that does not move some finite element of ``leaf``.
+
+    Such a step is zero once rounded, and its difference quotient 0/0: the whole
+    column would be NaN. Under ``torch.compile`` or ``vmap`` the values cannot be
+    read; the check is then skipped (the column stays NaN).
+    """
+    if torch.compiler.is_compiling():
+        return
+    stuck = (exact == 0) & torch.isfinite(leaf.detach().reshape(-1))
+    try:
+        if not bool(stuck.any()):
+            return
+    except RuntimeError:  # under vmap: data-dependent control flow is not allowed
+        return
+    flat = int(torch.nonzero(stuck)[0, 0])
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), leaf.shape))
+    value = float(leaf.detach().reshape(-1)[flat])
+    raise ValueError(
+        f"{name}(func, delta): the step {float(h[flat]):.3g} does not move the element "
+        f"{index} = {value:.6g} of a differentiated {leaf.dtype} tensor of shape "
+        f"{tuple(leaf.shape)}: x + h == x after rounding, so its derivative would be 0/0. "
+        f"Use a larger delta (at least about |x| * {torch.finfo(leaf.dtype).eps:.1e}), "
+        "or delta=None for the automatic step."
+    )

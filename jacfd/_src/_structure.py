@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.utils._pytree import tree_unflatten
 
 from ._coloring import Coloring
@@ -107,10 +109,16 @@ class Sparse(Structure):
 
     def assemble(self, options: Options, call: Call, columns: Columns, block: int = 0) -> Any:
         compressed = columns.blocks[block]
-        self._check(options.name, 0, sum(c[0].numel() for c in compressed) if compressed else 0)
-        flat = torch.cat([c.reshape(c.shape[0], -1) for c in compressed], dim=1).T
+        self._check(options.name, 0, sum(c.shape[1:].numel() for c in compressed))
+        flat = torch.cat([c.reshape(c.shape[0], c.shape[1:].numel()) for c in compressed], dim=1).T
         steps = columns.steps.to(flat.dtype)
         if self.sparse_output:
+            if _under_vmap():
+                raise ValueError(
+                    f"{options.name}(func, sparsity, sparse_output=True): torch.func.vmap "
+                    "cannot batch sparse tensors. Under vmap, use sparse_output=False (the "
+                    "dense Jacobian, decompressed from the same few evaluations)."
+                )
             cols = self.coloring.cols.to(flat.device)
             values = self.coloring.entries(flat) / steps[cols]
             indices = torch.stack([self.coloring.rows.to(flat.device), cols])
@@ -118,15 +126,23 @@ class Sparse(Structure):
                 indices, values, self.coloring.shape, is_coalesced=True, check_invariants=False
             )
         dense = self.coloring.decompress(flat) / steps  # (outputs, inputs)
-        blocks, first = [], 0
+        blocks, first, inputs = [], 0, dense.shape[1]
         for c in compressed:  # each output leaf's rows, as (inputs, *out) columns
-            width = c[0].numel()
-            blocks.append(dense[first : first + width].T.reshape(-1, *c.shape[1:]).to(c.dtype))
+            width = c.shape[1:].numel()
+            blocks.append(dense[first : first + width].T.reshape(inputs, *c.shape[1:]).to(c.dtype))
             first += width
         plan = call.plan
         return to_torch_func_layout(
             blocks, columns.out_spec, plan.shapes, plan.spec, options.single_argnum
         )
+
+
+def _under_vmap() -> bool:
+    """Whether a ``torch.func.vmap`` is active around this call."""
+    return any(
+        interpreter.key() == TransformType.Vmap
+        for interpreter in retrieve_all_functorch_interpreters()
+    )
 
 
 @dataclass(frozen=True)
@@ -149,7 +165,7 @@ class PerSample(Structure):
         for leaf in primals:
             d = self.batch_dim % leaf.dim()
             sample = leaf.shape[:d] + leaf.shape[d + 1 :]
-            features = leaf.numel() // batch if batch else 0
+            features = sample.numel()  # (not numel // batch: there may be no sample)
             index = torch.arange(offset, offset + features, device=leaf.device).reshape(sample)
             colors.append(index.unsqueeze(d).expand(leaf.shape).reshape(-1))
             offset += features
@@ -191,7 +207,7 @@ class PerSample(Structure):
             jacobians, offset, first = [], 0, 0
             for shape in call.plan.shapes:
                 d = self.batch_dim % len(shape)
-                features = shape.numel() // batch if batch else 0
+                features = (shape[:d] + shape[d + 1 :]).numel()
                 h = steps[first : first + shape.numel()].reshape(shape).movedim(d, 0)
                 h = h.reshape(batch, features).t().to(c.dtype)  # (features, B)
                 part = by_sample[offset : offset + features]
