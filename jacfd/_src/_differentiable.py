@@ -1,0 +1,413 @@
+"""``differentiable``: a function whose derivatives come from finite differences.
+
+Eager calls go through :class:`_Apply`, an ``autograd.Function`` with
+``setup_context``, ``backward``, ``jvp`` and ``vmap``, so that ``.backward()``
+and every ``torch.func`` transform see it. Its backward and jvp call two more
+Functions, :class:`_Vjp` and :class:`_Jvp`, whose own vmap rules make
+``vmap(grad(f))`` and ``jacfwd`` work; their backward raises: there is no second
+derivative. Under ``torch.compile`` (which cannot trace a Function with a
+custom ``jvp``) the same function and its vjp are two opaque custom ops.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
+
+from ._compiled import CompiledOps
+from ._inputs import P, wraps
+from ._jacfd import jacfd
+from ._jvp import jvpfd
+
+NAME = "differentiable(func, ...)"
+SIGNATURE_CACHE_SIZE = 32
+"""Call signatures (pytree structure and non-tensor arguments) kept per function."""
+
+_JACFD_OPTIONS = ("delta", "scheme", "order", "chunk_size", "randomness", "strategy")
+_JVP_OPTIONS = ("scheme", "order", "randomness", "strategy")
+
+
+class _Call:
+    """One call signature of a differentiable function: the flat function of its
+    tensor leaves, which of them are differentiated, and the derivative options."""
+
+    def __init__(
+        self,
+        flat: Callable[..., tuple[torch.Tensor, ...]],
+        wrt: tuple[int, ...],
+        options: dict[str, Any],
+        batch_dim: int | None,
+        sparsity: Any,
+    ) -> None:
+        self.flat = flat
+        self.wrt = wrt
+        self.options = options
+        self.batch_dim = batch_dim
+        self.sparsity = sparsity
+        self.out_spec: TreeSpec | None = None
+        self.out_meta: list[tuple[torch.Size, torch.dtype, torch.device]] = []
+        self._jacobians: dict[tuple[int, ...], Callable[..., Any]] = {}
+        self._lock = threading.Lock()
+
+    def jacobian(self, wrt: tuple[int, ...]) -> Callable[..., Any]:
+        """``jacfd`` of the flat function, built once per set of argnums: its plan
+        cache then serves every backward of this signature."""
+        with self._lock:
+            transform = self._jacobians.get(wrt)
+            if transform is None:
+                transform = jacfd(
+                    self.flat,
+                    argnums=wrt,
+                    **self.options,
+                    sparsity=self.sparsity,
+                    batch_dim=self.batch_dim,
+                )
+                self._jacobians[wrt] = transform
+            return transform
+
+    @property
+    def vmappable(self) -> bool:
+        return self.options.get("strategy", "vmap") == "vmap" and self.sparsity is None
+
+
+def _is_float(x: torch.Tensor) -> bool:
+    return x.is_floating_point() or x.is_complex()
+
+
+def _vjp(call: _Call, wrt: tuple[int, ...], xs: Sequence[torch.Tensor], cts: Sequence[Any]) -> list[torch.Tensor]:
+    """``v^T J`` for the inputs ``wrt``, from the finite-difference Jacobian at ``xs``."""
+    jac = call.jacobian(wrt)(*xs)
+    grads: list[torch.Tensor] = []
+    for k, i in enumerate(wrt):
+        x = xs[i]
+        total = torch.zeros_like(x)
+        for out_jac, ct in zip(jac, cts):
+            block = out_jac[k]
+            if ct is None:
+                continue
+            ct = ct.to(block.dtype)
+            if call.batch_dim is None:
+                total = total + torch.tensordot(ct, block, dims=ct.dim()).to(x.dtype)
+            else:
+                # Per-sample Jacobians (B, *out_sample, *in_sample): contract each
+                # sample's cotangent with its own block.
+                d_out, d_in = call.batch_dim % ct.dim(), call.batch_dim % x.dim()
+                ct0 = ct.movedim(d_out, 0)
+                size = ct0.shape[0]
+                g = torch.einsum(
+                    "bo,boi->bi", ct0.reshape(size, -1), block.reshape(size, ct0[0].numel(), -1)
+                )
+                total = total + g.reshape(x.movedim(d_in, 0).shape).movedim(0, d_in).to(x.dtype)
+        grads.append(total)
+    return grads
+
+
+def _jvp(call: _Call, xs: Sequence[torch.Tensor], ts: Sequence[Any]) -> tuple[torch.Tensor, ...]:
+    """``J t`` by differences along ``t`` (only the differentiated inputs move)."""
+    moving = [i for i in call.wrt if ts[i] is not None]
+    if not moving:
+        return tuple(torch.zeros(s, dtype=d, device=v) for s, d, v in call.out_meta)
+
+    def along(*zs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        full = list(xs)
+        for i, z in zip(moving, zs):
+            full[i] = z
+        return call.flat(*full)
+
+    options = {k: call.options[k] for k in _JVP_OPTIONS if k in call.options}
+    delta = call.options.get("delta")
+    if isinstance(delta, float):
+        options["delta"] = delta
+    primals = tuple(xs[i] for i in moving)
+    tangents = tuple(ts[i].to(xs[i].dtype) for i in moving)
+    _, out = jvpfd(along, primals, tangents, **options)
+    return tuple(out)
+
+
+def _no_second_derivative(*_: Any) -> Any:
+    raise RuntimeError(
+        f"{NAME}: no second derivative: the derivatives of a differentiable function come "
+        "from finite differences, and they are not differentiated again. For a Hessian of "
+        "a black box use jacfd.hessfd(func); to differentiate a gradient, wrap the whole "
+        "gradient computation in differentiable(...) instead."
+    )
+
+
+class _Vjp(torch.autograd.Function):
+    @staticmethod
+    def forward(call: _Call, wrt: tuple[int, ...], n: int, *xs_cts: Any) -> tuple[torch.Tensor, ...]:
+        return tuple(_vjp(call, wrt, xs_cts[:n], xs_cts[n:]))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        pass
+
+    backward = staticmethod(_no_second_derivative)
+    jvp = staticmethod(_no_second_derivative)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: Any, call: _Call, wrt: tuple[int, ...], n: int, *xs_cts: Any) -> Any:
+        dims = in_dims[3:]
+        if call.vmappable:
+            # vmap(grad(f)): the backward of every sample in one vmap of jacfd.
+            out = torch.func.vmap(
+                lambda *a: tuple(_vjp(call, wrt, a[:n], a[n:])),
+                in_dims=tuple(dims),
+                randomness=call.options.get("randomness", "error"),
+            )(*xs_cts)
+        else:
+            out = _loop(info.batch_size, dims, xs_cts, lambda *a: tuple(_vjp(call, wrt, a[:n], a[n:])))
+        return out, (0,) * len(out)
+
+
+class _Jvp(torch.autograd.Function):
+    @staticmethod
+    def forward(call: _Call, n: int, *xs_ts: Any) -> tuple[torch.Tensor, ...]:
+        return _jvp(call, xs_ts[:n], xs_ts[n:])
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        pass
+
+    backward = staticmethod(_no_second_derivative)
+    jvp = staticmethod(_no_second_derivative)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: Any, call: _Call, n: int, *xs_ts: Any) -> Any:
+        # jacfwd: one directional difference per tangent (jvpfd reads the size of
+        # its tangent to scale the step, which a vmapped tangent cannot give).
+        out = _loop(info.batch_size, in_dims[2:], xs_ts, lambda *a: _jvp(call, a[:n], a[n:]))
+        return out, (0,) * len(out)
+
+
+def _loop(size: int, dims: Sequence[int | None], args: Sequence[Any], fn: Callable[..., Any]) -> tuple[torch.Tensor, ...]:
+    """``fn`` per sample, stacked: the vmap rule of strategies that cannot be vmapped."""
+    results = [
+        fn(*(a.select(d, b) if d is not None else a for a, d in zip(args, dims)))
+        for b in range(size)
+    ]
+    return tuple(torch.stack(outs) for outs in zip(*results))
+
+
+class _Apply(torch.autograd.Function):
+    @staticmethod
+    def forward(call: _Call, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outs = call.flat(*(x.detach() for x in xs))
+        pointers = {x.untyped_storage().data_ptr() for x in xs if x.numel()}
+        # An output that shares memory with an input would let a later in-place
+        # change of one corrupt the other (and the saved inputs): copy it.
+        outs = tuple(
+            o.clone() if o.numel() and o.untyped_storage().data_ptr() in pointers else o
+            for o in outs
+        )
+        call.out_meta = [(o.shape, o.dtype, o.device) for o in outs]
+        return outs
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        ctx.call = inputs[0]
+        ctx.save_for_backward(*inputs[1:])
+        ctx.save_for_forward(*inputs[1:])
+        ctx.mark_non_differentiable(*(o for o in output if not _is_float(o)))
+
+    @staticmethod
+    def backward(ctx: Any, *cts: Any) -> Any:
+        call: _Call = ctx.call
+        xs = ctx.saved_tensors
+        wrt = tuple(i for i in call.wrt if ctx.needs_input_grad[1 + i])
+        grads: list[Any] = [None] * len(xs)
+        if wrt:
+            for i, g in zip(wrt, _Vjp.apply(call, wrt, len(xs), *xs, *cts)):
+                grads[i] = g
+        return (None, *grads)
+
+    @staticmethod
+    def jvp(ctx: Any, _call_tangent: Any, *ts: Any) -> Any:
+        call: _Call = ctx.call
+        xs = ctx.saved_tensors
+        return _Jvp.apply(call, len(xs), *xs, *ts)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: Any, call: _Call, *xs: torch.Tensor) -> Any:
+        dims = in_dims[1:]
+        size = info.batch_size
+        if call.vmappable and call.batch_dim is None:
+            # vmap(differentiable(f)) is differentiable(vmap(f)) with independent
+            # samples: per-sample Jacobians (batch_dim=0) at the cost of one sample.
+            moved = []
+            for i, (x, d) in enumerate(zip(xs, dims)):
+                if d is not None:
+                    moved.append(x.movedim(d, 0))
+                elif i in call.wrt:  # shared but differentiated: one copy per sample
+                    moved.append(x.expand(size, *x.shape))
+                else:
+                    moved.append(x)
+            batched_dims = tuple(
+                0 if d is not None or i in call.wrt else None for i, d in enumerate(dims)
+            )
+            inner = _Call(
+                torch.func.vmap(
+                    call.flat,
+                    in_dims=batched_dims,
+                    randomness=call.options.get("randomness", "error"),
+                ),
+                call.wrt,
+                call.options,
+                0,
+                None,
+            )
+            # (call.flat, run inside, records the output structure on call itself)
+            out = _Apply.apply(inner, *moved)
+        else:
+            out = _loop(size, dims, xs, lambda *a: _Apply.apply(call, *a))
+        return out, (0,) * len(out)
+
+
+_counter = itertools.count()
+
+
+class Differentiable:
+    """The function returned by :func:`differentiable`."""
+
+    def __init__(
+        self, func: Callable[..., Any], argnums: Any, options: dict[str, Any], batch_dim: int | None, sparsity: Any
+    ) -> None:
+        self.func = func
+        self.argnums = argnums
+        self.options = options
+        self.batch_dim = batch_dim
+        self.sparsity = sparsity
+        self._calls: OrderedDict[Any, _Call] = OrderedDict()
+        self._lock = threading.Lock()
+        self._compiled = CompiledOps(self, f"f{next(_counter)}")
+
+    def signature(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[_Call, list[torch.Tensor], TreeSpec]:
+        leaves, spec = tree_flatten((args, kwargs))
+        tensor_at = tuple(i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor))
+        constants = tuple(None if i in tensor_at else leaf for i, leaf in enumerate(leaves))
+        xs = [leaves[i] for i in tensor_at]
+        try:
+            key: Any = (spec, constants, tuple((x.is_floating_point() or x.is_complex()) for x in xs))
+            hash(key)
+        except TypeError:  # an unhashable non-tensor argument: not cached
+            key = None
+        with self._lock:
+            call = self._calls.get(key) if key is not None else None
+            if call is None:
+                call = self._new_call(spec, list(constants), tensor_at, len(args), xs)
+                if key is not None:
+                    self._calls[key] = call
+                    if len(self._calls) > SIGNATURE_CACHE_SIZE:
+                        self._calls.popitem(last=False)
+            elif key is not None:
+                self._calls.move_to_end(key)
+        return call, xs, spec
+
+    def _new_call(
+        self, spec: TreeSpec, template: list[Any], tensor_at: tuple[int, ...], num_args: int, xs: list[torch.Tensor]
+    ) -> _Call:
+        func = self.func
+        positions = _positions(spec, num_args)
+        selected = set(range(num_args)) if self.argnums is None else self.argnums
+        if self.argnums is not None and any(not -num_args <= a < num_args for a in self.argnums):
+            raise ValueError(
+                f"{NAME} with argnums={self.argnums!r}: the call has only {num_args} "
+                "positional arguments; pass the differentiated tensors positionally."
+            )
+        selected = {a % num_args for a in selected} if self.argnums is not None else selected
+        wrt = tuple(
+            k for k, i in enumerate(tensor_at) if positions[i] in selected and _is_float(xs[k])
+        )
+        if self.argnums is None:  # keyword tensors are differentiated too
+            wrt = tuple(k for k, i in enumerate(tensor_at) if _is_float(xs[k]))
+        holder: list[_Call] = []
+
+        def flat(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            leaves = list(template)
+            for i, t in zip(tensor_at, tensors):
+                leaves[i] = t
+            args, kwargs = tree_unflatten(leaves, spec)
+            outs, out_spec = tree_flatten(func(*args, **kwargs))
+            for out in outs:
+                if not isinstance(out, torch.Tensor):
+                    raise TypeError(
+                        f"{NAME}: func must return a tensor or a pytree of tensors, got a "
+                        f"{type(out).__name__} leaf; return it as a tensor, or outside func."
+                    )
+            holder[0].out_spec = out_spec
+            return tuple(outs)
+
+        call = _Call(flat, wrt, self.options, self.batch_dim, self.sparsity)
+        holder.append(call)
+        return call
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return self._compiled(args, kwargs)
+        call, xs, _ = self.signature(args, kwargs)
+        outs = _Apply.apply(call, *xs)
+        if call.out_spec is None:
+            raise AssertionError("the output structure was not recorded")
+        return tree_unflatten(list(outs), call.out_spec)
+
+
+def _positions(spec: TreeSpec, num_args: int) -> list[int]:
+    """The positional argument of every leaf of ``(args, kwargs)``, -1 for keywords."""
+    args_spec, kwargs_spec = spec.children()
+    positions = []
+    for a, child in enumerate(args_spec.children()):
+        positions += [a] * child.num_leaves
+    return positions + [-1] * kwargs_spec.num_leaves
+
+
+def _check_keywords(options: dict[str, Any]) -> None:
+    unknown = sorted(set(options) - set(_JACFD_OPTIONS))
+    if unknown:
+        raise TypeError(
+            f"{NAME}: unknown option(s) {unknown}; the options are argnums, sparsity, "
+            f"batch_dim and jacfd's {', '.join(_JACFD_OPTIONS)}."
+        )
+
+
+def _validate(func: Callable[..., Any], argnums: Any, options: dict[str, Any], sparsity: Any, batch_dim: Any) -> None:
+    """Builds (and drops) a jacfd transform: its checks, with this function's name."""
+    if argnums is not None:
+        if isinstance(argnums, int) and not isinstance(argnums, bool):
+            argnums = (argnums,)
+        if not isinstance(argnums, tuple):
+            raise TypeError(
+                f"{NAME}: argnums must be None (every tensor argument), an int or a tuple "
+                f"of ints, got {type(argnums).__name__}."
+            )
+    try:
+        jacfd(func, argnums=argnums or 0, **options, sparsity=sparsity, batch_dim=batch_dim)
+    except (TypeError, ValueError) as error:
+        message = str(error).replace("jacfd(func", "differentiable(func", 1)
+        raise type(error)(message) from None
+
+
+def differentiable(
+    func: Callable[P, Any],
+    *,
+    argnums: int | tuple[int, ...] | None = None,
+    sparsity: Any = None,
+    batch_dim: int | None = None,
+    **options: Any,
+) -> Callable[P, Any]:
+    """PLACEHOLDER"""
+    _check_keywords(options)
+    _validate(func, argnums, options, sparsity, batch_dim)
+    normalized = (argnums,) if isinstance(argnums, int) else argnums
+    instance = Differentiable(func, normalized, options, batch_dim, sparsity)
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return instance(*args, **kwargs)
+
+    return wrapper
