@@ -63,7 +63,8 @@ class CompiledOps:
         def constant_intern(skeleton: Any) -> int:
             return intern(skeleton)
 
-        self._intern = torch.compiler.assume_constant_result(constant_intern)  # type: ignore[method-assign]
+        marked = torch.compiler.assume_constant_result(constant_intern)  # type: ignore[no-untyped-call]
+        self._intern = marked  # type: ignore[method-assign]
 
     def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         tensors: list[torch.Tensor] = []

@@ -14,8 +14,8 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 import torch
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
@@ -80,7 +80,9 @@ def _is_float(x: torch.Tensor) -> bool:
     return x.is_floating_point() or x.is_complex()
 
 
-def _vjp(call: _Call, wrt: tuple[int, ...], xs: Sequence[torch.Tensor], cts: Sequence[Any]) -> list[torch.Tensor]:
+def _vjp(
+    call: _Call, wrt: tuple[int, ...], xs: Sequence[torch.Tensor], cts: Sequence[Any]
+) -> list[torch.Tensor]:
     """``v^T J`` for the inputs ``wrt``, from the finite-difference Jacobian at ``xs``."""
     jac = call.jacobian(wrt)(*xs)
     grads: list[torch.Tensor] = []
@@ -130,7 +132,7 @@ def _jvp(call: _Call, xs: Sequence[torch.Tensor], ts: Sequence[Any]) -> tuple[to
     return tuple(out)
 
 
-def _no_second_derivative(*_: Any) -> Any:
+def _no_second_derivative() -> NoReturn:
     raise RuntimeError(
         f"{NAME}: no second derivative: the derivatives of a differentiable function come "
         "from finite differences, and they are not differentiated again. For a Hessian of "
@@ -141,18 +143,27 @@ def _no_second_derivative(*_: Any) -> Any:
 
 class _Vjp(torch.autograd.Function):
     @staticmethod
-    def forward(call: _Call, wrt: tuple[int, ...], n: int, *xs_cts: Any) -> tuple[torch.Tensor, ...]:
+    def forward(
+        call: _Call, wrt: tuple[int, ...], n: int, *xs_cts: Any
+    ) -> tuple[torch.Tensor, ...]:
         return tuple(_vjp(call, wrt, xs_cts[:n], xs_cts[n:]))
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
         pass
 
-    backward = staticmethod(_no_second_derivative)
-    jvp = staticmethod(_no_second_derivative)
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: Any) -> Any:
+        _no_second_derivative()
 
     @staticmethod
-    def vmap(info: Any, in_dims: Any, call: _Call, wrt: tuple[int, ...], n: int, *xs_cts: Any) -> Any:
+    def jvp(ctx: Any, *grad_inputs: Any) -> Any:
+        _no_second_derivative()
+
+    @staticmethod
+    def vmap(
+        info: Any, in_dims: Any, call: _Call, wrt: tuple[int, ...], n: int, *xs_cts: Any
+    ) -> Any:
         dims = in_dims[3:]
         if call.vmappable:
             # vmap(grad(f)): the backward of every sample in one vmap of jacfd.
@@ -162,7 +173,9 @@ class _Vjp(torch.autograd.Function):
                 randomness=call.options.get("randomness", "error"),
             )(*xs_cts)
         else:
-            out = _loop(info.batch_size, dims, xs_cts, lambda *a: tuple(_vjp(call, wrt, a[:n], a[n:])))
+            out = _loop(
+                info.batch_size, dims, xs_cts, lambda *a: tuple(_vjp(call, wrt, a[:n], a[n:]))
+            )
         return out, (0,) * len(out)
 
 
@@ -175,8 +188,13 @@ class _Jvp(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
         pass
 
-    backward = staticmethod(_no_second_derivative)
-    jvp = staticmethod(_no_second_derivative)
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: Any) -> Any:
+        _no_second_derivative()
+
+    @staticmethod
+    def jvp(ctx: Any, *grad_inputs: Any) -> Any:
+        _no_second_derivative()
 
     @staticmethod
     def vmap(info: Any, in_dims: Any, call: _Call, n: int, *xs_ts: Any) -> Any:
@@ -186,7 +204,14 @@ class _Jvp(torch.autograd.Function):
         return out, (0,) * len(out)
 
 
-def _loop(size: int, dims: Sequence[int | None], args: Sequence[Any], fn: Callable[..., Any]) -> tuple[torch.Tensor, ...]:
+def _apply(function: type[torch.autograd.Function], *args: Any) -> Any:
+    """``Function.apply``, which torch leaves untyped."""
+    return function.apply(*args)  # type: ignore[no-untyped-call]
+
+
+def _loop(
+    size: int, dims: Sequence[int | None], args: Sequence[Any], fn: Callable[..., Any]
+) -> tuple[torch.Tensor, ...]:
     """``fn`` per sample, stacked: the vmap rule of strategies that cannot be vmapped."""
     results = [
         fn(*(a.select(d, b) if d is not None else a for a, d in zip(args, dims)))
@@ -223,7 +248,7 @@ class _Apply(torch.autograd.Function):
         wrt = tuple(i for i in call.wrt if ctx.needs_input_grad[1 + i])
         grads: list[Any] = [None] * len(xs)
         if wrt:
-            for i, g in zip(wrt, _Vjp.apply(call, wrt, len(xs), *xs, *cts)):
+            for i, g in zip(wrt, _apply(_Vjp, call, wrt, len(xs), *xs, *cts)):
                 grads[i] = g
         return (None, *grads)
 
@@ -231,7 +256,7 @@ class _Apply(torch.autograd.Function):
     def jvp(ctx: Any, _call_tangent: Any, *ts: Any) -> Any:
         call: _Call = ctx.call
         xs = ctx.saved_tensors
-        return _Jvp.apply(call, len(xs), *xs, *ts)
+        return _apply(_Jvp, call, len(xs), *xs, *ts)
 
     @staticmethod
     def vmap(info: Any, in_dims: Any, call: _Call, *xs: torch.Tensor) -> Any:
@@ -263,9 +288,9 @@ class _Apply(torch.autograd.Function):
                 None,
             )
             # (call.flat, run inside, records the output structure on call itself)
-            out = _Apply.apply(inner, *moved)
+            out = _apply(_Apply, inner, *moved)
         else:
-            out = _loop(size, dims, xs, lambda *a: _Apply.apply(call, *a))
+            out = _loop(size, dims, xs, lambda *a: _apply(_Apply, call, *a))
         return out, (0,) * len(out)
 
 
@@ -276,7 +301,12 @@ class Differentiable:
     """The function returned by :func:`differentiable`."""
 
     def __init__(
-        self, func: Callable[..., Any], argnums: Any, options: dict[str, Any], batch_dim: int | None, sparsity: Any
+        self,
+        func: Callable[..., Any],
+        argnums: Any,
+        options: dict[str, Any],
+        batch_dim: int | None,
+        sparsity: Any,
     ) -> None:
         self.func = func
         self.argnums = argnums
@@ -287,13 +317,19 @@ class Differentiable:
         self._lock = threading.Lock()
         self._compiled = CompiledOps(self, f"f{next(_counter)}")
 
-    def signature(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[_Call, list[torch.Tensor], TreeSpec]:
+    def signature(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[_Call, list[torch.Tensor], TreeSpec]:
         leaves, spec = tree_flatten((args, kwargs))
         tensor_at = tuple(i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor))
         constants = tuple(None if i in tensor_at else leaf for i, leaf in enumerate(leaves))
         xs = [leaves[i] for i in tensor_at]
         try:
-            key: Any = (spec, constants, tuple((x.is_floating_point() or x.is_complex()) for x in xs))
+            key: Any = (
+                spec,
+                constants,
+                tuple((x.is_floating_point() or x.is_complex()) for x in xs),
+            )
             hash(key)
         except TypeError:  # an unhashable non-tensor argument: not cached
             key = None
@@ -310,7 +346,12 @@ class Differentiable:
         return call, xs, spec
 
     def _new_call(
-        self, spec: TreeSpec, template: list[Any], tensor_at: tuple[int, ...], num_args: int, xs: list[torch.Tensor]
+        self,
+        spec: TreeSpec,
+        template: list[Any],
+        tensor_at: tuple[int, ...],
+        num_args: int,
+        xs: list[torch.Tensor],
     ) -> _Call:
         func = self.func
         positions = _positions(spec, num_args)
@@ -351,7 +392,7 @@ class Differentiable:
         if torch.compiler.is_compiling():
             return self._compiled(args, kwargs)
         call, xs, _ = self.signature(args, kwargs)
-        outs = _Apply.apply(call, *xs)
+        outs = _apply(_Apply, call, *xs)
         if call.out_spec is None:
             raise AssertionError("the output structure was not recorded")
         return tree_unflatten(list(outs), call.out_spec)
@@ -375,7 +416,9 @@ def _check_keywords(options: dict[str, Any]) -> None:
         )
 
 
-def _validate(func: Callable[..., Any], argnums: Any, options: dict[str, Any], sparsity: Any, batch_dim: Any) -> None:
+def _validate(
+    func: Callable[..., Any], argnums: Any, options: dict[str, Any], sparsity: Any, batch_dim: Any
+) -> None:
     """Builds (and drops) a jacfd transform: its checks, with this function's name."""
     if argnums is not None:
         if isinstance(argnums, int) and not isinstance(argnums, bool):
@@ -400,7 +443,67 @@ def differentiable(
     batch_dim: int | None = None,
     **options: Any,
 ) -> Callable[P, Any]:
-    """PLACEHOLDER"""
+    """``func`` with derivatives from finite differences: train through black boxes.
+
+    The result returns ``func``'s values (computed without autograd: func may use
+    numpy, scipy, ``.item()`` or an external program) and is differentiable in
+    both modes:
+
+    - reverse mode (``.backward()``, ``torch.autograd.grad``, ``torch.func.grad``,
+      ``vjp``, ``jacrev``): the backward computes ``v^T J`` from :func:`jacfd`'s
+      Jacobian at the inputs saved by the forward call; with ``batch_dim`` one
+      Jacobian per sample at the cost of one sample, with ``sparsity`` one
+      evaluation per colour;
+    - forward mode (``torch.func.jvp``, ``jacfwd``): :func:`jvpfd`, a difference
+      along the tangent (two evaluations for ``"central"`` plus the value);
+    - ``torch.func.vmap``: with ``strategy="vmap"`` the samples become one
+      ``vmap(func)`` call whose backward takes per-sample Jacobians; other
+      strategies, and ``sparsity``, run a loop over the samples;
+    - ``torch.compile(..., fullgraph=True)``: func and its backward are two opaque
+      custom ops (func is run once on zeros of the input shapes, while tracing,
+      for the output shapes). Under compile, inputs and outputs must be tensors,
+      or tuples, lists and dicts of tensors and hashable constants, and forward
+      mode is not available.
+
+    There is no second derivative: differentiating the backward (double backward,
+    ``grad(grad(...))``, ``hessian``) raises a ``RuntimeError``. Use
+    :func:`hessfd` for the Hessian of a black box.
+
+    Args:
+        func: A function of tensors, pytrees of tensors and other values, returning
+            a tensor or a pytree of tensors. Its arguments are detached, and it
+            must not modify them.
+        argnums: The positional arguments whose floating-point tensors get
+            gradients: ``None`` (default) for every tensor argument, keyword
+            arguments included; an int or a tuple of ints otherwise (the others
+            get ``None`` gradients).
+        sparsity: As in :func:`jacfd`: the Jacobian's pattern over all the
+            differentiated tensors' elements (flattened in order) and all outputs'.
+        batch_dim: As in :func:`jacfd`: func's samples along this dimension of
+            every differentiated input and every output do not interact.
+        **options: :func:`jacfd`'s ``delta``, ``scheme``, ``order``,
+            ``chunk_size`` (bounds the points, and so the memory, of one
+            backward), ``randomness`` and ``strategy``, with the same meaning
+            (``strategy="loop"`` for functions that vmap cannot trace, such as
+            numpy code). Forward mode uses the same scheme, order and a float
+            ``delta``.
+
+    Returns:
+        A function with ``func``'s signature and values.
+
+    Examples:
+        >>> import numpy as np
+        >>> import torch
+        >>> from jacfd import differentiable
+        >>> def simulate(x):  # numpy: autograd cannot see inside
+        ...     return torch.from_numpy(np.sin(x.numpy()) * x.numpy().sum())
+        >>> f = differentiable(simulate, strategy="loop")
+        >>> x = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64, requires_grad=True)
+        >>> f(x).pow(2).sum().backward()
+        >>> expected = torch.func.grad(lambda x: (x.sin() * x.sum()).pow(2).sum())(x.detach())
+        >>> torch.allclose(x.grad, expected, rtol=1e-7)
+        True
+    """
     _check_keywords(options)
     _validate(func, argnums, options, sparsity, batch_dim)
     normalized = (argnums,) if isinstance(argnums, int) else argnums
