@@ -146,6 +146,9 @@ class _Vjp(torch.autograd.Function):
     def forward(
         call: _Call, wrt: tuple[int, ...], n: int, *xs_cts: Any
     ) -> tuple[torch.Tensor, ...]:
+        # Detached: the finite differences are not differentiated again (by
+        # autograd through func's torch ops); the backward below says so instead.
+        xs_cts = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in xs_cts)
         return tuple(_vjp(call, wrt, xs_cts[:n], xs_cts[n:]))
 
     @staticmethod
@@ -167,21 +170,47 @@ class _Vjp(torch.autograd.Function):
         dims = in_dims[3:]
         if call.vmappable:
             # vmap(grad(f)): the backward of every sample in one vmap of jacfd.
+            detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in xs_cts]
             out = torch.func.vmap(
                 lambda *a: tuple(_vjp(call, wrt, a[:n], a[n:])),
                 in_dims=tuple(dims),
                 randomness=call.options.get("randomness", "error"),
-            )(*xs_cts)
+            )(*detached)
+            tensors = [a for a in xs_cts if isinstance(a, torch.Tensor)]
+            out = _apply(_Stop, len(out), *out, *tensors)
         else:
-            out = _loop(
-                info.batch_size, dims, xs_cts, lambda *a: tuple(_vjp(call, wrt, a[:n], a[n:]))
-            )
+            out = _loop(info.batch_size, dims, xs_cts, lambda *a: _apply(_Vjp, call, wrt, n, *a))
         return out, (0,) * len(out)
+
+
+class _Stop(torch.autograd.Function):
+    """Finite-difference results made inside a vmap rule, from detached inputs:
+    the inputs are attached again only so that differentiating the results raises
+    (instead of silently giving zero)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(n_out: int, *outs_inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(o.clone() for o in outs_inputs[:n_out])
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: Any) -> Any:
+        _no_second_derivative()
+
+    @staticmethod
+    def jvp(ctx: Any, *grad_inputs: Any) -> Any:
+        _no_second_derivative()
 
 
 class _Jvp(torch.autograd.Function):
     @staticmethod
     def forward(call: _Call, n: int, *xs_ts: Any) -> tuple[torch.Tensor, ...]:
+        xs_ts = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in xs_ts)
         return _jvp(call, xs_ts[:n], xs_ts[n:])
 
     @staticmethod
@@ -200,7 +229,7 @@ class _Jvp(torch.autograd.Function):
     def vmap(info: Any, in_dims: Any, call: _Call, n: int, *xs_ts: Any) -> Any:
         # jacfwd: one directional difference per tangent (jvpfd reads the size of
         # its tangent to scale the step, which a vmapped tangent cannot give).
-        out = _loop(info.batch_size, in_dims[2:], xs_ts, lambda *a: _jvp(call, a[:n], a[n:]))
+        out = _loop(info.batch_size, in_dims[2:], xs_ts, lambda *a: _apply(_Jvp, call, n, *a))
         return out, (0,) * len(out)
 
 
