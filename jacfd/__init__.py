@@ -9,6 +9,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
     import torch  # noqa: F401
 
+from ._src._differentiable import differentiable
 from ._src._gradcheck import check_grad
 from ._src._gradcheck_report import (
     GradCheckEntry,
@@ -40,6 +41,7 @@ __all__ = [
     "check_grad",
     "check_sparsity",
     "diagonal_pattern",
+    "differentiable",
     "hessdiagfd",
     "hessfd",
     "jacfd",
@@ -61,6 +63,7 @@ for _public in (
     check_grad,
     check_sparsity,
     diagonal_pattern,
+    differentiable,
     hessdiagfd,
     hessfd,
     jacfd,
