@@ -35,6 +35,7 @@ import torch
 from matplotlib.figure import Figure
 
 from jacfd import jacfd
+
 # Internal (jacfd._src is private, with no stable API): the step rule's constants, to
 # mark the default step on the plots. Update this import if the module changes.
 from jacfd._src._stencil import get_stencil

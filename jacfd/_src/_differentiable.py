@@ -220,7 +220,8 @@ def differentiable(
             every differentiated input and every output do not interact.
         **options: :func:`jacfd`'s ``delta``, ``scheme``, ``order``,
             ``chunk_size`` (bounds the points evaluated at once in a backward;
-            the Jacobian itself is held whole), ``randomness`` and ``strategy``, with the same meaning
+            the Jacobian itself is held whole), ``randomness`` and ``strategy``,
+            with the same meaning
             (``strategy="loop"`` for functions that vmap cannot trace, such as
             numpy code). Forward mode uses the same scheme, order and a float
             ``delta``.
