@@ -234,3 +234,35 @@ def test_compile_fullgraph() -> None:
     compiled(x).backward()
     expected = grad(lambda x: ((3.0 * (2 * x).sin()) ** 2).sum() + (2 * x).sum() ** 2)(x.detach())
     close(x.grad, expected, CENTRAL)
+
+
+def test_backward_memory_is_bounded_by_chunk_size() -> None:
+    """A dense backward contracts each chunk's columns with the cotangent at once:
+    no tensor as large as the (outputs x inputs) Jacobian is ever made."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.numel = 0
+
+        def __torch_dispatch__(
+            self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+        ) -> Any:
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor):
+                    self.numel = max(self.numel, t.numel())
+            return out
+
+    n_in, n_out, chunk = 64, 500, 8
+    weight = torch.randn(n_out, n_in, dtype=torch.float64)
+    f = differentiable(lambda x: torch.tanh(weight @ x), chunk_size=chunk)
+    x = torch.randn(n_in, dtype=torch.float64, requires_grad=True)
+    y = f(x)
+    watch = Largest()
+    with watch:
+        y.sum().backward()
+    assert watch.numel <= 2 * chunk * n_out < n_in * n_out
+    expected = torch.func.grad(lambda x: torch.tanh(weight @ x).sum())(x.detach())
+    torch.testing.assert_close(x.grad, expected, rtol=1e-7, atol=1e-9)

@@ -219,8 +219,9 @@ def differentiable(
         batch_dim: As in :func:`jacfd`: func's samples along this dimension of
             every differentiated input and every output do not interact.
         **options: :func:`jacfd`'s ``delta``, ``scheme``, ``order``,
-            ``chunk_size`` (bounds the points evaluated at once in a backward;
-            the Jacobian itself is held whole), ``randomness`` and ``strategy``,
+            ``chunk_size`` (bounds the points evaluated at once in a backward; a
+            dense backward never holds more than a chunk's columns), ``randomness``
+            and ``strategy``,
             with the same meaning
             (``strategy="loop"`` for functions that vmap cannot trace, such as
             numpy code). Forward mode uses the same scheme, order and a float

@@ -8,6 +8,7 @@ derivative is taken.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,23 +52,28 @@ class Columns:
     """The flat steps of all coordinates."""
 
 
-def run_points(call: Call, options: Options) -> Columns:
+ChunkHook = Callable[[Blocks], Blocks]
+"""Maps one chunk's columns to what is kept of them (e.g. ``v^T J``'s entries), so
+that no more than a chunk of columns is ever held."""
+
+
+def run_points(call: Call, options: Options, per_chunk: ChunkHook | None = None) -> Columns:
     """Evaluates and reduces the call's point set, redoing the steps once if the
     outputs turn out coarser than the inputs (the output dtype is only known
     after an evaluation: one wasted evaluation, only in that case)."""
     if call.modules:  # modules with buffers: put back what func changes in them
         with kept_buffers(call.modules, options.name):
-            return _with_output_precision(call, options)
-    return _with_output_precision(call, options)
+            return _with_output_precision(call, options, per_chunk)
+    return _with_output_precision(call, options, per_chunk)
 
 
-def _with_output_precision(call: Call, options: Options) -> Columns:
+def _with_output_precision(call: Call, options: Options, per_chunk: ChunkHook | None) -> Columns:
     remembered = call.plan.output_eps
     try:
-        return _run(call, options, remembered[0])
+        return _run(call, options, remembered[0], per_chunk)
     except CoarserOutput as coarser:
         remembered[0] = coarser.eps
-        return _run(call, options, coarser.eps)
+        return _run(call, options, coarser.eps, per_chunk)
 
 
 def steps_for(call: Call, options: Options, output_eps: float) -> list[torch.Tensor]:
@@ -87,7 +93,9 @@ def steps_for(call: Call, options: Options, output_eps: float) -> list[torch.Ten
     ]
 
 
-def _run(call: Call, options: Options, output_eps: float) -> Columns:
+def _run(
+    call: Call, options: Options, output_eps: float, per_chunk: ChunkHook | None = None
+) -> Columns:
     plan, points, where = call.plan, call.plan.points, options.name
     steps = steps_for(call, options, output_eps)
     flat_steps = torch.cat(steps) if len(steps) > 1 else steps[0]
@@ -145,7 +153,8 @@ def _run(call: Call, options: Options, output_eps: float) -> Columns:
             flat_out = [value[1:] for value in flat_out]
             if options.has_aux:
                 aux = tree_map(lambda value: value[0], outputs[1])
-        parts.append(points.reduce(chunk, flat_out, center, flat_steps))
+        reduced = points.reduce(chunk, flat_out, center, flat_steps)
+        parts.append(reduced if per_chunk is None else per_chunk(reduced))
     if guarded and [p._version for p in primals] != versions:
         raise ValueError(
             f"{where}(func): func wrote in place into a differentiated argument, so the "

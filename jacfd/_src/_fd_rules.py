@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 import torch
 from torch.utils._pytree import TreeSpec
 
-from ._jacfd import jacfd
+from ._jacfd import jacfd, vector_jacobian
 from ._jvp import jvpfd
 
 NAME = "differentiable(func, ...)"
@@ -42,6 +42,7 @@ class _Call:
         self.out_spec: TreeSpec | None = None
         self.out_meta: list[tuple[torch.Size, torch.dtype, torch.device]] = []
         self._jacobians: dict[tuple[int, ...], Callable[..., Any]] = {}
+        self._products: dict[tuple[int, ...], Callable[..., list[torch.Tensor]]] = {}
         self._lock = threading.Lock()
 
     def jacobian(self, wrt: tuple[int, ...]) -> Callable[..., Any]:
@@ -60,6 +61,16 @@ class _Call:
                 self._jacobians[wrt] = transform
             return transform
 
+    def vector_jacobian(self, wrt: tuple[int, ...]) -> Callable[..., list[torch.Tensor]]:
+        """``(cotangents, *xs) -> v^T J``, contracted chunk by chunk, built once per
+        set of argnums."""
+        with self._lock:
+            transform = self._products.get(wrt)
+            if transform is None:
+                transform = vector_jacobian(self.flat, wrt, NAME.split("(")[0], **self.options)
+                self._products[wrt] = transform
+            return transform
+
     @property
     def vmappable(self) -> bool:
         return self.options.get("strategy", "vmap") == "vmap" and self.sparsity is None
@@ -73,6 +84,10 @@ def _vjp(
     call: _Call, wrt: tuple[int, ...], xs: Sequence[torch.Tensor], cts: Sequence[Any]
 ) -> list[torch.Tensor]:
     """``v^T J`` for the inputs ``wrt``, from the finite-difference Jacobian at ``xs``."""
+    if call.batch_dim is None and call.sparsity is None:
+        # Dense: contracted chunk by chunk, never holding the Jacobian.
+        products = call.vector_jacobian(wrt)(list(cts), *xs)
+        return [g.to(xs[i].dtype) for g, i in zip(products, wrt)]
     jac = call.jacobian(wrt)(*xs)
     grads: list[torch.Tensor] = []
     for k, i in enumerate(wrt):
