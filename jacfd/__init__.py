@@ -51,25 +51,7 @@ __all__ = [
 ]
 __version__ = "0.1.0"
 
-for _public in (
-    Batched,
-    GradCheckEntry,
-    GradCheckError,
-    GradCheckPair,
-    GradCheckReport,
-    SparsityReport,
-    banded_pattern,
-    block_diagonal_pattern,
-    check_grad,
-    check_sparsity,
-    diagonal_pattern,
-    differentiable,
-    hessdiagfd,
-    hessfd,
-    jacfd,
-    jacfd_with_error,
-    jvpfd,
-    laplacianfd,
-):
-    _public.__module__ = "jacfd"
-del _public
+# Documented and shown as jacfd.<name>, as torch.func's transforms are (exposed_in).
+for _name in __all__:
+    globals()[_name].__module__ = "jacfd"
+del _name

@@ -17,7 +17,7 @@ from ._plan import Planner, check_options
 from ._random import Randomness
 from ._stencil import Scheme, richardson
 from ._steps import Delta, mark_noise
-from ._strategy import Batched, FoldedBatch
+from ._strategy import Batched
 from ._strategy import StrategyOption as Strategy
 from ._structure import Dense, PerSample, Sparse, Structure
 
@@ -152,10 +152,7 @@ def jacfd(
         strategy=strategy,
     )
     structure = _structure(sparsity, sparse_output, batch_dim, strategy)
-    if isinstance(structure, PerSample) and isinstance(options.strategy, Batched):
-        # Per-sample points are folded into func's own batch axis, not a new one.
-        folded = FoldedBatch(structure.batch_dim, options.strategy.others)
-        options = dataclasses.replace(options, strategy=folded)
+    options = dataclasses.replace(options, strategy=structure.strategy(options.strategy))
     return _transform(func, options, structure)
 
 

@@ -29,6 +29,7 @@ from ._driver import Columns
 from ._layout import per_argnums, to_torch_func_layout
 from ._plan import Call, Options
 from ._points import AxisPoints, ColorPoints, PointSet
+from ._strategy import Batched, FoldedBatch, Strategy
 
 
 class Structure:
@@ -46,6 +47,10 @@ class Structure:
 
     def assemble(self, options: Options, call: Call, columns: Columns, block: int = 0) -> Any:
         raise NotImplementedError
+
+    def strategy(self, strategy: Strategy) -> Strategy:
+        """The strategy that evaluates this structure's points."""
+        return strategy
 
 
 class Dense(Structure):
@@ -173,6 +178,12 @@ class PerSample(Structure):
             torch.cat(colors), offset, offsets, contractions, with_center, options.chunk_size
         )
         return points, batch
+
+    def strategy(self, strategy: Strategy) -> Strategy:
+        """A real batch folds the points into func's own batch axis, not a new one."""
+        if isinstance(strategy, Batched):
+            return FoldedBatch(self.batch_dim, strategy.others)
+        return strategy
 
     def _batch_size(self, where: str, primals: list[torch.Tensor]) -> int:
         sizes = set()
