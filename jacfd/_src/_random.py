@@ -51,12 +51,6 @@ class RandomState:
             return [cpu]
         return [cpu] + [torch.cuda.get_rng_state(i) for i in self.cuda_indices]
 
-    def restore(self) -> None:
-        """Back to the state at construction: the next call draws the same numbers."""
-        torch.set_rng_state(self.start[0])
-        for index, state in zip(self.cuda_indices, self.start[1:]):
-            torch.cuda.set_rng_state(state, index)
-
     def changed(self) -> bool:
         now = self._read()
         return not all(torch.equal(a, b) for a, b in zip(now, self.start))
