@@ -204,6 +204,20 @@ def test_under_vmap_and_jacrev() -> None:
     assert_same([rows[k].sum((0, 1, 2, 3)) for k in params], one, rtol=1e-9)
 
 
+def test_compiled_gradients() -> None:
+    """Under torch.compile the chunks are traced without checkpointing (fullgraph)."""
+    net = conv_net()
+    x = torch.randn(1, 2, 3, dtype=DTYPE)
+    transform = jacfd(net, chunk_size=4)
+    expected = param_grads(net, lambda: transform(x).sum())
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(transform, fullgraph=True, backend="aot_eager")
+        assert_same(param_grads(net, lambda: compiled(x).sum()), expected, rtol=1e-9)
+    finally:
+        torch._dynamo.reset()
+
+
 # ----------------------------------------------------------------------- randomness
 
 
