@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_map
+from torch.utils.checkpoint import checkpoint
 
 from ._buffers import kept_buffers
 from ._plan import Call, Options
-from ._points import Blocks
+from ._points import Blocks, Chunk
 from ._random import rng_for
 from ._steps import exact_steps
 from ._strategy import evaluate
@@ -113,10 +114,12 @@ def _run(
     aux: Any = None
     out_spec: TreeSpec | None = None
     real_rows: dict[int, torch.Tensor] = {}
-    for chunk in points.chunks:
+
+    def values(chunk: Chunk, *_: torch.Tensor) -> Any:
+        """func's outputs at the chunk's points."""
         leaves, in_dims = points.build(chunk, primals, steps)
         try:
-            outputs = evaluate(
+            return evaluate(
                 options.strategy,
                 call.at_point,
                 leaves,
@@ -135,6 +138,15 @@ def _run(
                 f"{where}(func, scheme='complex'): func failed on complex input: {cause}\n"
                 f"{COMPLEX_HINT}"
             ) from cause
+
+    recompute = options.chunk_size is not None and len(points.chunks) > 1 and _can_recompute()
+    for chunk in points.chunks:
+        if recompute:
+            outputs = checkpoint(
+                values, chunk, *primals, use_reentrant=False, preserve_rng_state=True
+            )
+        else:
+            outputs = values(chunk)
         out = outputs[0] if options.has_aux else outputs
         if type(out) is torch.Tensor:
             flat_out, spec = [out], _LEAF
@@ -142,6 +154,8 @@ def _run(
             flat_out, spec = tree_flatten(out)
         if out_spec is None:
             out_spec = spec
+            # Outputs that need no gradient saved nothing for backward: no recomputing.
+            recompute = recompute and any(value.requires_grad for value in flat_out)
             dtypes = [value.dtype for value in flat_out]
             if dtypes != plan.checked_dtypes.get(output_eps):
                 _check_outputs(call, options, flat_out, output_eps)
@@ -169,6 +183,25 @@ def _run(
         # The complex points carry a complex aux; take it from the real point.
         aux = call.at_point(*call.primals)[1]
     return Columns(blocks, out_spec, center, aux, flat_steps)
+
+
+def _can_recompute() -> bool:
+    """Whether the chunks should be evaluated under activation checkpointing.
+
+    In grad mode, a module's parameters require grad, so every chunk's
+    activations would stay in the autograd graph until backward and
+    ``chunk_size`` would bound nothing. Checkpointing keeps only each chunk's
+    outputs and evaluates the chunk again in backward (with the same random
+    numbers). Not under ``torch.compile`` (no graph break for it), nor inside
+    a ``torch.func`` transform: ``grad`` forbids the saved-tensor hooks, and the
+    recomputation would run outside ``vmap``'s batching.
+    """
+    return (
+        torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and torch._C._functorch.maybe_current_level() is None
+        and torch._C._autograd._saved_tensors_hooks_get_disabled_error_message() is None
+    )
 
 
 def _check_outputs(

@@ -85,7 +85,10 @@ def jacfd(
         has_aux: ``func`` returns ``(output, aux)``; the result is then
             ``(jacobian, aux)`` with ``aux`` taken at the unperturbed inputs.
         chunk_size: ``None`` evaluates every stencil point in one vmap call. A
-            positive int bounds the points per call, and so the memory. ``1``
+            positive int bounds the points per call, and so the memory, in grad
+            mode too: each chunk keeps only its outputs for backward, which
+            evaluates the chunk again (not inside ``torch.func`` transforms nor
+            under ``torch.compile``, which keep every chunk's activations). ``1``
             evaluates the points one by one without vmap (as ``strategy="loop"``),
             so ``func`` may call ``.item()``, numpy, or branch on tensor values.
         randomness: As in ``torch.func.vmap``: ``"error"`` (default) forbids
