@@ -21,6 +21,7 @@ from ._points import Blocks
 from ._random import rng_for
 from ._steps import exact_steps
 from ._strategy import evaluate
+from ._workers import evaluate_in_parallel
 
 _LEAF = tree_flatten(torch.empty(0))[1]
 
@@ -113,20 +114,25 @@ def _run(
     aux: Any = None
     out_spec: TreeSpec | None = None
     real_rows: dict[int, torch.Tensor] = {}
-    for chunk in points.chunks:
-        leaves, in_dims = points.build(chunk, primals, steps)
+    # With workers or a process group, every chunk is evaluated first, elsewhere.
+    computed = evaluate_in_parallel(call, options, primals, steps, rng)
+    for index, chunk in enumerate(points.chunks):
         try:
-            outputs = evaluate(
-                options.strategy,
-                call.at_point,
-                leaves,
-                in_dims,
-                points.rows(chunk),
-                options.chunk_size,
-                rng,
-                options.randomness,
-                where,
-            )
+            if computed is not None:
+                outputs = computed[index]
+            else:
+                leaves, in_dims = points.build(chunk, primals, steps)
+                outputs = evaluate(
+                    options.strategy,
+                    call.at_point,
+                    leaves,
+                    in_dims,
+                    points.rows(chunk),
+                    options.chunk_size,
+                    rng,
+                    options.randomness,
+                    where,
+                )
         except (RuntimeError, NotImplementedError) as error:
             if not points.imaginary:
                 raise
