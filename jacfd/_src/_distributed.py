@@ -12,6 +12,7 @@ first rank, so every point on every rank replays them.
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -84,7 +85,10 @@ def gather(group: Any, results: list[Result], primals: list[torch.Tensor]) -> li
         buffers.extend(_as_bytes(x).to(device) for x in flat if isinstance(x, torch.Tensor))
     world = world_size(group)
     everyone: list[Any] = [None] * world
-    torch.distributed.all_gather_object(everyone, layouts, group=group)
+    with warnings.catch_warnings():
+        # Unpickling an output TreeSpec trips a deprecation inside torch's pytree.
+        warnings.filterwarnings("ignore", message=".*LeafSpec", category=FutureWarning)
+        torch.distributed.all_gather_object(everyone, layouts, group=group)
     mine = torch.cat(buffers) if buffers else torch.empty(0, dtype=torch.uint8, device=device)
     sizes = [_size(rank_layouts) for rank_layouts in everyone]
     longest = max(sizes)

@@ -312,8 +312,8 @@ def _along_directions(
     return tuple(pairs), conclusive
 
 
-@dataclass(frozen=True)
-class _Moved:
+@dataclass
+class _Moved:  # (not frozen: mark_noise sets an attribute)
     """``s -> f(x + s @ U)``: a class, not a closure, so that worker processes can be
     sent it."""
 

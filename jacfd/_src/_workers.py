@@ -250,6 +250,13 @@ def _describe(points: PointSet, chunk: Chunk, row: int) -> str:
     return f"x {sign} {size}h along {kind} {chunk.start + j} of the flattened inputs"
 
 
+def _named(workers: Workers) -> str:
+    """``workers=...`` as the user wrote it: ``2``, or ``Pool.map`` for a map."""
+    if workers is None or isinstance(workers, int):
+        return f"workers={workers}"
+    return f"workers={getattr(workers, '__qualname__', type(workers).__name__)}"
+
+
 def _raise_failure(options: Options, points: PointSet, result: Result) -> None:
     chunk = points.chunks[result.index]
     if result.failed_row is not None:
@@ -257,7 +264,7 @@ def _raise_failure(options: Options, points: PointSet, result: Result) -> None:
     else:
         first = _describe(points, chunk, result.start)
         where = f"a batch of stencil points starting at {first}"
-    parallel = "process_group" if options.workers is None else f"workers={options.workers!r}"
+    parallel = "process_group" if options.workers is None else _named(options.workers)
     message = (
         f"{options.name}(func, {parallel}): func raised {result.error_type} at {where}: "
         f"{result.error}\nThe worker's traceback:\n{result.worker_traceback}"
@@ -350,7 +357,7 @@ def evaluate_in_parallel(
             if "pickle" not in str(error):
                 raise
             raise TypeError(
-                f"{name}(func, workers={options.workers!r}): the tasks cannot be sent to "
+                f"{name}(func, {_named(options.workers)}): the tasks cannot be sent to "
                 f"the workers: {error}\n{PICKLE_HINT}"
             ) from error
     for result in results:
