@@ -212,3 +212,13 @@ def test_torchrun_example() -> None:
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "2 ranks: Jacobian (8, 16), equal to one process's" in done.stdout
+
+
+def test_workers_example() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    script = ROOT / "docs" / "scripts" / "workers_example.py"
+    done = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "the same Jacobian" in done.stdout
