@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import differentiable, gradcheck, overhead, second, sparse, strategies, suite
+from . import differentiable, gradcheck, overhead, parallel, second, sparse, strategies, suite
 
 OTHERS = {  # name: (module with report(quick) -> markdown, heading in benchmarks.md)
     "strategies": (strategies, "## Evaluation strategies"),
@@ -27,6 +27,7 @@ OTHERS = {  # name: (module with report(quick) -> markdown, heading in benchmark
     "gradcheck": (gradcheck, "## Checking hand-written gradients"),
     "overhead": (overhead, "## Per-call overhead"),
     "differentiable": (differentiable, "## Derivative rules"),
+    "parallel": (parallel, "## Parallel and distributed evaluation"),
 }
 SECTIONS = ("suite", *OTHERS)
 DOCS = Path(__file__).resolve().parent.parent / "docs"

@@ -85,6 +85,10 @@ class _CheckedCall:
     ) -> None:
         self.name, self.func, self.args, self.kwargs = name, func, args, kwargs
         self.positions = positions
+        self.workers: Any = None
+        self.process_group: Any = None
+        """Where the finite differences are evaluated (jacfd's options); neither is
+        sent to a worker with the rest of this call."""
         self.in_names: list[str] = []
         self.leaves: list[torch.Tensor] = []
         self.specs: list[TreeSpec] = []
@@ -102,6 +106,11 @@ class _CheckedCall:
                 self.in_names.append(f"args[{position}]{keystr(path)}")
                 # A copy: a func writing into its input must not change the caller's.
                 self.leaves.append(leaf.detach().clone())
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["workers"] = state["process_group"] = None
+        return state
 
     def call(self, f: Callable[..., Any], leaves: Sequence[torch.Tensor]) -> Any:
         """``f`` (``func`` or its ``forward``) with the differentiated leaves replaced."""
@@ -255,25 +264,20 @@ class _CheckedCall:
         def run(
             f: Callable[..., Any], chosen: Strategy, with_grad: bool = False
         ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-            inside_vmap = chosen == "vmap"
-
-            def at(*leaves: torch.Tensor) -> Any:
-                try:
-                    out = self.call(f, leaves)
-                except Exception as error:
-                    if inside_vmap and isinstance(error, RuntimeError):
-                        raise  # the strategy decides (a plain loop may work)
-                    where = "under torch.vmap" if inside_vmap else self._where(leaves)
-                    raise _FuncFailedError(where, error) from error
-                _output_leaves(out)
-                return out
-
+            at = _At(self, f, chosen == "vmap")
             g = wrap(at)
             mark_noise(g, noise_of(self.func))  # func made by jacfd: its precision
             points = [x.detach().requires_grad_(with_grad) for x in primals]
             with torch.set_grad_enabled(with_grad):
                 jac, err = jacfd_with_error(
-                    g, tuple(range(len(primals))), delta, scheme, order=order, strategy=chosen
+                    g,
+                    tuple(range(len(primals))),
+                    delta,
+                    scheme,
+                    order=order,
+                    strategy=chosen,
+                    workers=self.workers,
+                    process_group=self.process_group,
                 )(*points)
             blocks: list[torch.Tensor] = [j.detach() for j in tree_flatten(jac)[0]]
             errors: list[torch.Tensor] = tree_flatten(err)[0]
@@ -339,6 +343,25 @@ class _Context:
 
     def set_materialize_grads(self, value: bool) -> None:
         pass
+
+
+class _At:
+    """``f`` at the differentiated leaves, its failures named by the point; a class,
+    not a closure, so that worker processes can be sent it."""
+
+    def __init__(self, call: _CheckedCall, f: Callable[..., Any], inside_vmap: bool) -> None:
+        self.checked, self.f, self.inside_vmap = call, f, inside_vmap
+
+    def __call__(self, *leaves: torch.Tensor) -> Any:
+        try:
+            out = self.checked.call(self.f, leaves)
+        except Exception as error:
+            if self.inside_vmap and isinstance(error, RuntimeError):
+                raise  # the strategy decides (a plain loop may work)
+            where = "under torch.vmap" if self.inside_vmap else self.checked._where(leaves)
+            raise _FuncFailedError(where, error) from error
+        _output_leaves(out)
+        return out
 
 
 def _forward_of(func: Callable[..., Any]) -> Callable[..., Any] | None:

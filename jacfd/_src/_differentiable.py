@@ -28,7 +28,16 @@ from ._jacfd import jacfd
 SIGNATURE_CACHE_SIZE = 32
 """Call signatures (pytree structure and non-tensor arguments) kept per function."""
 
-_JACFD_OPTIONS = ("delta", "scheme", "order", "chunk_size", "randomness", "strategy")
+_JACFD_OPTIONS = (
+    "delta",
+    "scheme",
+    "order",
+    "chunk_size",
+    "randomness",
+    "strategy",
+    "workers",
+    "process_group",
+)
 
 
 _counter = itertools.count()
@@ -104,25 +113,9 @@ class Differentiable:
         )
         if self.argnums is None:  # keyword tensors are differentiated too
             wrt = tuple(k for k, i in enumerate(tensor_at) if _is_float(xs[k]))
-        holder: list[_Call] = []
-
-        def flat(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            leaves = list(template)
-            for i, t in zip(tensor_at, tensors):
-                leaves[i] = t
-            args, kwargs = tree_unflatten(leaves, spec)
-            outs, out_spec = tree_flatten(func(*args, **kwargs))
-            for out in outs:
-                if not isinstance(out, torch.Tensor):
-                    raise TypeError(
-                        f"{NAME}: func must return a tensor or a pytree of tensors, got a "
-                        f"{type(out).__name__} leaf; return it as a tensor, or outside func."
-                    )
-            holder[0].out_spec = out_spec
-            return tuple(outs)
-
+        flat = _Flat(func, template, tensor_at, spec)
         call = _Call(flat, wrt, self.options, self.batch_dim, self.sparsity)
-        holder.append(call)
+        flat.call = call
         return call
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -133,6 +126,41 @@ class Differentiable:
         if call.out_spec is None:
             raise AssertionError("the output structure was not recorded")
         return tree_unflatten(list(outs), call.out_spec)
+
+
+class _Flat:
+    """func as a function of its tensor leaves, returning its flat outputs; a class,
+    not a closure, so that worker processes can be sent it (without the call)."""
+
+    def __init__(
+        self,
+        func: Callable[..., Any],
+        template: list[Any],
+        tensor_at: tuple[int, ...],
+        spec: TreeSpec,
+    ) -> None:
+        self.func, self.template, self.tensor_at, self.spec = func, template, tensor_at, spec
+        self.call: _Call | None = None
+        """Told the output structure at each call (in this process only)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Flat, (self.func, self.template, self.tensor_at, self.spec))
+
+    def __call__(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        leaves = list(self.template)
+        for i, t in zip(self.tensor_at, tensors):
+            leaves[i] = t
+        args, kwargs = tree_unflatten(leaves, self.spec)
+        outs, out_spec = tree_flatten(self.func(*args, **kwargs))
+        for out in outs:
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(
+                    f"{NAME}: func must return a tensor or a pytree of tensors, got a "
+                    f"{type(out).__name__} leaf; return it as a tensor, or outside func."
+                )
+        if self.call is not None:
+            self.call.out_spec = out_spec
+        return tuple(outs)
 
 
 def _positions(spec: TreeSpec, num_args: int) -> list[int]:

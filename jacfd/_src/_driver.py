@@ -22,6 +22,7 @@ from ._points import Blocks, Chunk
 from ._random import rng_for
 from ._steps import exact_steps
 from ._strategy import evaluate
+from ._workers import evaluate_in_parallel
 
 _LEAF = tree_flatten(torch.empty(0))[1]
 
@@ -139,9 +140,13 @@ def _run(
                 f"{COMPLEX_HINT}"
             ) from cause
 
+    # With workers or a process group, every chunk is evaluated first, elsewhere.
+    computed = evaluate_in_parallel(call, options, primals, steps, rng)
     recompute = options.chunk_size is not None and len(points.chunks) > 1 and _can_recompute()
-    for chunk in points.chunks:
-        if recompute:
+    for index, chunk in enumerate(points.chunks):
+        if computed is not None:
+            outputs = computed[index]
+        elif recompute:
             outputs = checkpoint(
                 values, chunk, *primals, use_reentrant=False, preserve_rng_state=True
             )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import torch
@@ -19,7 +20,7 @@ from ._jacfd import jacfd, vector_jacobian
 from ._jvp import jvpfd
 
 NAME = "differentiable(func, ...)"
-_JVP_OPTIONS = ("scheme", "order", "randomness", "strategy")
+_JVP_OPTIONS = ("scheme", "order", "randomness", "strategy", "workers", "process_group")
 
 
 class _Call:
@@ -120,12 +121,7 @@ def _jvp(call: _Call, xs: Sequence[torch.Tensor], ts: Sequence[Any]) -> tuple[to
     if not moving:
         return tuple(torch.zeros(s, dtype=d, device=v) for s, d, v in call.out_meta)
 
-    def along(*zs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        full = list(xs)
-        for i, z in zip(moving, zs):
-            full[i] = z
-        return call.flat(*full)
-
+    along = _Along(call.flat, list(xs), moving)
     options = {k: call.options[k] for k in _JVP_OPTIONS if k in call.options}
     delta = call.options.get("delta")
     if isinstance(delta, float):
@@ -134,6 +130,22 @@ def _jvp(call: _Call, xs: Sequence[torch.Tensor], ts: Sequence[Any]) -> tuple[to
     tangents = tuple(ts[i].to(xs[i].dtype) for i in moving)
     _, out = jvpfd(along, primals, tangents, **options)
     return tuple(out)
+
+
+@dataclass(frozen=True)
+class _Along:
+    """The flat function with only the moving inputs as arguments; a class, not a
+    closure, so that worker processes can be sent it."""
+
+    flat: Callable[..., tuple[torch.Tensor, ...]]
+    xs: list[torch.Tensor]
+    moving: list[int]
+
+    def __call__(self, *zs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        full = list(self.xs)
+        for i, z in zip(self.moving, zs):
+            full[i] = z
+        return self.flat(*full)
 
 
 def _no_second_derivative() -> NoReturn:

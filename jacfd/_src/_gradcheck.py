@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -31,6 +32,7 @@ from ._stencil import Scheme
 from ._steps import Delta
 from ._strategy import Batched
 from ._strategy import StrategyOption as Strategy
+from ._workers import Workers
 
 RESOLVED = 0.5
 """The directions stage decides only where every tolerance is at most this
@@ -59,6 +61,8 @@ def check_grad(
     rtol: float = 0.0,
     atol: float | None = None,
     strategy: Strategy | None = None,
+    workers: Workers = None,
+    process_group: Any = None,
     exhaustive: bool = False,
     raise_error: bool = False,
 ) -> GradCheckReport:
@@ -110,6 +114,10 @@ def check_grad(
             plain loop if that fails (classic autograd.Functions cannot run
             under ``vmap``). With a :class:`Batched` strategy every entry is
             compared (the directions would need func on unbatched points).
+        workers: Where the finite differences are evaluated: worker processes or
+            a map-like callable, as in :func:`jacfd` (autograd's side runs here).
+        process_group: A ``torch.distributed`` group sharing the finite
+            differences, as in :func:`jacfd`.
         exhaustive: Compare every entry even when ``J @ u`` agrees along the
             random directions: the report then has every entry's error.
         raise_error: Raise :class:`GradCheckError` (an ``AssertionError``, with
@@ -157,6 +165,8 @@ def check_grad(
         chunk_size=None,
         randomness="error",
         strategy="vmap" if strategy is None else strategy,
+        workers=workers,
+        process_group=process_group,
     )
     kwargs = _check_arguments(
         func, args, kwargs, mode, safety, rtol, atol, exhaustive, raise_error
@@ -166,6 +176,7 @@ def check_grad(
     with torch.inference_mode(False):
         args, kwargs = tree_map(_out_of_inference, (args, kwargs))
         call = _CheckedCall(name, func, args, kwargs, normalize_argnums(name, argnums, len(args)))
+        call.workers, call.process_group = options.workers, options.process_group
         steps = _steps(call, delta, args)
         try:
             report = _check(
@@ -276,15 +287,7 @@ def _along_directions(
     ]
 
     def along(f: Callable[..., Any]) -> Callable[..., Any]:
-        def moved(s: torch.Tensor) -> Any:
-            # At a stencil point s has one non-zero, c h, so x + s @ U is exactly x + c h u.
-            points = [
-                x + torch.tensordot(s, u.to(s.dtype), dims=1)
-                for x, u in zip(call.leaves, directions)
-            ]
-            return f(*points)
-
-        return moved
+        return _Moved(f, call.leaves, directions)
 
     origin = torch.zeros(DIRECTIONS, dtype=directions[0].dtype, device=directions[0].device)
     fd_blocks, err_blocks = call.finite_differences(
@@ -307,6 +310,24 @@ def _along_directions(
         pairs.append(pair)
         conclusive &= resolved
     return tuple(pairs), conclusive
+
+
+@dataclass
+class _Moved:  # (not frozen: mark_noise sets an attribute)
+    """``s -> f(x + s @ U)``: a class, not a closure, so that worker processes can be
+    sent it."""
+
+    f: Callable[..., Any]
+    leaves: list[torch.Tensor]
+    directions: list[torch.Tensor]
+
+    def __call__(self, s: torch.Tensor) -> Any:
+        # At a stencil point s has one non-zero, c h, so x + s @ U is exactly x + c h u.
+        points = [
+            x + torch.tensordot(s, u.to(s.dtype), dims=1)
+            for x, u in zip(self.leaves, self.directions)
+        ]
+        return self.f(*points)
 
 
 def _times_directions(

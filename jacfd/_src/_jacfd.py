@@ -20,6 +20,7 @@ from ._steps import Delta, mark_noise
 from ._strategy import Batched
 from ._strategy import StrategyOption as Strategy
 from ._structure import Dense, PerSample, Sparse, Structure
+from ._workers import Workers
 
 ROUNDING_SAFETY = 4.0
 """Rounding error of one evaluation of f, in units of eps * |f|: a few ulps for
@@ -37,6 +38,8 @@ def jacfd(
     chunk_size: int | None = None,
     randomness: Randomness = "error",
     strategy: Strategy = "vmap",
+    workers: Workers = None,
+    process_group: Any = None,
     sparsity: Any = None,
     sparse_output: bool = False,
     batch_dim: int | None = None,
@@ -121,6 +124,22 @@ def jacfd(
             result leaves have shape ``(B, *out_sample, *in_sample)``. With
             ``strategy="batched"`` the stencil points are folded into the
             function's own batch axis.
+        workers: Where the stencil points are evaluated, as in scipy's
+            ``approx_derivative``: ``None`` (default) in this process; an int
+            ``n``, a pool of ``n`` worker processes (``-1``: one per core), made
+            and shut down by this call (``func`` and its arguments must be
+            picklable: no lambda or closure); or any map-like callable, called
+            as ``workers(fn, tasks)``, e.g. a long-lived ``Pool(4).map`` or
+            ``ThreadPoolExecutor(4).map``. Each task is a chunk of
+            ``chunk_size`` points (default: about four tasks per worker),
+            evaluated by ``strategy`` in the worker; the result is bitwise that
+            of ``workers=None`` with the same ``chunk_size``. Results carry no
+            autograd graph through ``func``. See :doc:`parallel`.
+        process_group: A ``torch.distributed`` process group (e.g.
+            ``torch.distributed.group.WORLD``) to share the points among: every
+            rank calls with the same arguments, evaluates its share of the
+            chunks on its own device, and returns the whole Jacobian (the
+            values are all-gathered). ``None`` (default): this process only.
 
     Returns:
         A function taking the same arguments as ``func`` and returning its
@@ -153,6 +172,8 @@ def jacfd(
         chunk_size=chunk_size,
         randomness=randomness,
         strategy=strategy,
+        workers=workers,
+        process_group=process_group,
     )
     structure = _structure(sparsity, sparse_output, batch_dim, strategy)
     options = dataclasses.replace(options, strategy=structure.strategy(options.strategy))
@@ -236,6 +257,8 @@ def jacfd_with_error(
     chunk_size: int | None = None,
     randomness: Randomness = "error",
     strategy: Strategy = "vmap",
+    workers: Workers = None,
+    process_group: Any = None,
 ) -> Callable[P, tuple[Any, Any]]: ...
 
 
@@ -251,6 +274,8 @@ def jacfd_with_error(
     chunk_size: int | None = None,
     randomness: Randomness = "error",
     strategy: Strategy = "vmap",
+    workers: Workers = None,
+    process_group: Any = None,
 ) -> Callable[P, tuple[Any, Any, Any]]: ...
 
 
@@ -266,6 +291,8 @@ def jacfd_with_error(
     chunk_size: int | None = None,
     randomness: Randomness = "error",
     strategy: Strategy = "vmap",
+    workers: Workers = None,
+    process_group: Any = None,
 ) -> Callable[P, tuple[Any, ...]]: ...
 
 
@@ -280,6 +307,8 @@ def jacfd_with_error(
     chunk_size: int | None = None,
     randomness: Randomness = "error",
     strategy: Strategy = "vmap",
+    workers: Workers = None,
+    process_group: Any = None,
 ) -> Callable[P, tuple[Any, ...]]:
     """A Richardson-extrapolated Jacobian, with a per-entry estimate of its error.
 
@@ -323,6 +352,8 @@ def jacfd_with_error(
         chunk_size=chunk_size,
         randomness=randomness,
         strategy=strategy,
+        workers=workers,
+        process_group=process_group,
     )
     extrapolated, spread = richardson(options.stencil)
     offsets = tuple(o for o in extrapolated.offsets if o != 0)
@@ -387,6 +418,8 @@ def vector_jacobian(
         chunk_size=kwargs.get("chunk_size"),
         randomness=kwargs.get("randomness", "error"),
         strategy=kwargs.get("strategy", "vmap"),
+        workers=kwargs.get("workers"),
+        process_group=kwargs.get("process_group"),
     )
     stencil = options.stencil
     offsets = stencil.shifted_offsets

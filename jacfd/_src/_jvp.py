@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal, overload
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
 from ._contract import Contraction
 from ._driver import run_points
@@ -16,6 +17,7 @@ from ._stencil import Scheme
 from ._strategy import Batched
 from ._strategy import StrategyOption as Strategy
 from ._structure import Dense
+from ._workers import Workers
 
 
 @overload
@@ -30,6 +32,8 @@ def jvpfd(
     has_aux: Literal[False] = False,
     randomness: Randomness = "error",
     strategy: Strategy = "vmap",
+    workers: Workers = None,
+    process_group: Any = None,
 ) -> tuple[Any, Any]: ...
 
 
@@ -45,6 +49,8 @@ def jvpfd(
     has_aux: Literal[True],
     randomness: Randomness = "error",
     strategy: Strategy = "vmap",
+    workers: Workers = None,
+    process_group: Any = None,
 ) -> tuple[Any, Any, Any]: ...
 
 
@@ -60,6 +66,8 @@ def jvpfd(
     has_aux: bool = False,
     randomness: Randomness = "error",
     strategy: Strategy = "vmap",
+    workers: Workers = None,
+    process_group: Any = None,
 ) -> tuple[Any, ...]: ...
 
 
@@ -74,6 +82,8 @@ def jvpfd(
     has_aux: bool = False,
     randomness: Randomness = "error",
     strategy: Strategy = "vmap",
+    workers: Workers = None,
+    process_group: Any = None,
 ) -> tuple[Any, ...]:
     """``(func(*primals), J @ tangents)`` by finite differences along ``tangents``.
 
@@ -100,6 +110,8 @@ def jvpfd(
         has_aux: ``func`` returns ``(output, aux)``; ``aux`` is taken at ``primals``.
         randomness: As in :func:`jacfd`.
         strategy: As in :func:`jacfd`.
+        workers: As in :func:`jacfd`.
+        process_group: As in :func:`jacfd`.
 
     Returns:
         ``(output, tangent_out)``, or ``(output, tangent_out, aux)`` with
@@ -168,15 +180,7 @@ def jvpfd(
         scale = torch.ones_like(scale)
         _check_moves(delta, flat_primals, flat_tangents)
 
-    def along(s: torch.Tensor) -> Any:
-        # Under strategy="batched", s is a batch of shifts: broadcast it along a
-        # new leading axis of every primal.
-        shift = s * scale
-        point = [
-            p + (shift.reshape(s.shape + (1,) * p.dim()) * v).to(_step_dtype(p.dtype, shift))
-            for p, v in zip(flat_primals, flat_tangents)
-        ]
-        return func(*tree_unflatten(point, spec))
+    along = _Along(func, flat_primals, flat_tangents, scale, spec)
 
     options = check_options(
         "jvpfd",
@@ -189,6 +193,8 @@ def jvpfd(
         chunk_size=None,
         randomness=randomness,
         strategy=strategy,
+        workers=workers,
+        process_group=process_group,
     )
     if isinstance(options.strategy, Batched) and (
         options.strategy.dim != 0 or options.strategy.existing
@@ -219,6 +225,28 @@ def jvpfd(
         [d[0] / scale.to(d.dtype) for d in columns.blocks[0]], columns.out_spec
     )
     return (out, derivative, columns.aux) if has_aux else (out, derivative)
+
+
+@dataclass(frozen=True)
+class _Along:
+    """``s -> func(primals + s * scale * tangents)``: a class, not a closure, so that
+    workers in other processes can be sent it."""
+
+    func: Callable[..., Any]
+    primals: list[torch.Tensor]
+    tangents: list[torch.Tensor]
+    scale: torch.Tensor
+    spec: TreeSpec
+
+    def __call__(self, s: torch.Tensor) -> Any:
+        # Under strategy="batched", s is a batch of shifts: broadcast it along a
+        # new leading axis of every primal.
+        shift = s * self.scale
+        point = [
+            p + (shift.reshape(s.shape + (1,) * p.dim()) * v).to(_step_dtype(p.dtype, shift))
+            for p, v in zip(self.primals, self.tangents)
+        ]
+        return self.func(*tree_unflatten(point, self.spec))
 
 
 def _real_value(func: Callable[..., Any], primals: tuple[Any, ...], has_aux: bool) -> Any:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # type aliases only: the public signature is jacfd's
     from ._stencil import Scheme
     from ._steps import Delta
     from ._strategy import StrategyOption as Strategy
+    from ._workers import Workers
 
 
 def _integer(value: object, where: str, name: str) -> int:
@@ -186,6 +187,8 @@ def check_sparsity(
     delta: Delta = None,
     strategy: Strategy = "vmap",
     chunk_size: int | None = None,
+    workers: Workers = None,
+    process_group: Any = None,
 ) -> SparsityReport:
     """Compares a pattern with a dense finite-difference Jacobian at ``args``.
 
@@ -212,6 +215,8 @@ def check_sparsity(
         strategy: How ``func`` is evaluated, as for :func:`jacfd`: ``"loop"``
             checks a black box (numpy, ``.item()``, a simulator).
         chunk_size: Stencil points per evaluation, as for :func:`jacfd`.
+        workers: Worker processes or a map-like callable, as for :func:`jacfd`.
+        process_group: A ``torch.distributed`` group, as for :func:`jacfd`.
 
     Returns:
         A :class:`SparsityReport`; ``report.passed`` is the verdict.
@@ -249,16 +254,18 @@ def check_sparsity(
         )
     call_kwargs = dict(kwargs)
 
-    def flat_outputs(*call_args: Any) -> Any:
-        out = func(*call_args, **call_kwargs)
-        leaves = tree_flatten(out)[0]
-        if not leaves or not all(isinstance(leaf, torch.Tensor) for leaf in leaves):
-            return out  # not a pytree of tensors: jacfd says what is wrong
-        return torch.cat([leaf.reshape(-1) for leaf in leaves])
+    flat_outputs = _FlatOutputs(func, call_kwargs)
 
     try:
         transform = jacfd(
-            flat_outputs, argnums, delta, scheme, chunk_size=chunk_size, strategy=strategy
+            flat_outputs,
+            argnums,
+            delta,
+            scheme,
+            chunk_size=chunk_size,
+            strategy=strategy,
+            workers=workers,
+            process_group=process_group,
         )
         jacobian = transform(*args)
     except (TypeError, ValueError, RuntimeError) as error:
@@ -279,6 +286,22 @@ def check_sparsity(
     missed = (magnitude > tolerance) & ~covered
     largest = magnitude[missed].max().item() if bool(missed.any()) else 0.0
     return SparsityReport(missed.nonzero(), largest, tolerance)
+
+
+@dataclass(frozen=True)
+class _FlatOutputs:
+    """func's output leaves flattened and joined: a class, not a closure, so that
+    worker processes can be sent it."""
+
+    func: Callable[..., Any]
+    kwargs: dict[str, Any]
+
+    def __call__(self, *call_args: Any) -> Any:
+        out = self.func(*call_args, **self.kwargs)
+        leaves = tree_flatten(out)[0]
+        if not leaves or not all(isinstance(leaf, torch.Tensor) for leaf in leaves):
+            return out  # not a pytree of tensors: jacfd says what is wrong
+        return torch.cat([leaf.reshape(-1) for leaf in leaves])
 
 
 def _named(error: Exception) -> Exception:

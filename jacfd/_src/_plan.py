@@ -33,6 +33,7 @@ from ._random import RANDOMNESS, Randomness
 from ._stencil import Stencil, resolve_stencil
 from ._steps import Delta, StepSpec, check_delta, match_delta, noise_of
 from ._strategy import Strategy, resolve_strategy
+from ._workers import Workers, check_process_group, check_workers
 
 PLAN_CACHE_SIZE = 32
 """Plans kept per transform: one per call signature seen, the oldest dropped."""
@@ -55,6 +56,10 @@ class Options:
     noise_exponent: float
     """func's values are accurate to ~eps**noise_exponent: 1, or less if func was
     itself made by jacfd."""
+    workers: Workers = None
+    """Where the chunks are evaluated: here (None), a pool of processes, or a map."""
+    process_group: Any = None
+    """A ``torch.distributed`` group sharing the chunks among its ranks, or None."""
 
     @property
     def single_argnum(self) -> bool:
@@ -74,6 +79,8 @@ def check_options(
     randomness: Randomness,
     strategy: object = "vmap",
     derivative: int = 1,
+    workers: object = None,
+    process_group: object = None,
 ) -> Options:
     """Validates the options at run time too: callers need not be type-checked."""
     check_callable(name, func)
@@ -109,6 +116,8 @@ def check_options(
         randomness,
         resolve_strategy(name, strategy, chunk_size, randomness),
         noise_of(func),
+        check_workers(name, workers),
+        check_process_group(name, process_group),
     )
 
 
@@ -151,6 +160,10 @@ class Call:
     ``others`` maps the tensors of the non-differentiated arguments."""
     modules: tuple[torch.nn.Module, ...] = ()
     """The modules func visibly uses, whose buffers are kept (see ``_buffers``)."""
+    func: Callable[..., Any] | None = None
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """func and the call's arguments: what a worker needs to rebuild ``at_point``."""
 
 
 PointsFactory = Callable[[list[torch.Tensor]], "tuple[PointSet, Any]"]
@@ -201,7 +214,8 @@ class Planner:
                     self._plans[key] = plan
             else:
                 plan = cached
-        return Call(plan, primals, self._at_point(plan, args, kwargs), self.modules)
+        at_point = self._at_point(plan, args, kwargs)
+        return Call(plan, primals, at_point, self.modules, self.func, args, kwargs)
 
     def _plan(self, args: tuple[Any, ...], primals: list[torch.Tensor]) -> Plan:
         options, name = self.options, self.options.name
@@ -231,33 +245,54 @@ class Planner:
     def _at_point(
         self, plan: Plan, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Callable[..., Any]:
-        func, name, has_aux = self.func, self.options.name, self.options.has_aux
-        argnums = plan.argnums
+        options = self.options
+        return at_point_of(
+            self.func,
+            options.name,
+            options.has_aux,
+            plan.argnums,
+            plan.bare,
+            plan.spec,
+            args,
+            kwargs,
+        )
 
-        def at_point(
-            *leaves: torch.Tensor, others: Callable[[torch.Tensor], torch.Tensor] | None = None
-        ) -> Any:
-            call_args, call_kwargs = args, kwargs
-            if others is not None:
-                call_args = tuple(
-                    arg if i in argnums else tree_map_only(torch.Tensor, others, arg)
-                    for i, arg in enumerate(args)
-                )
-                call_kwargs = tree_map_only(torch.Tensor, others, kwargs)
-            if plan.bare:  # the common case: no pytree round trip for each point
-                new_args = list(call_args)
-                for argnum, leaf in zip(argnums, leaves):
-                    new_args[argnum] = leaf
-                result = func(*new_args, **call_kwargs)
-            else:
-                result = func(
-                    *replace_primals(call_args, argnums, leaves, plan.spec), **call_kwargs
-                )
-            out, aux = split_output(name, result, has_aux)
-            # A bare output without aux: a tuple would cost vmap another level.
-            return (out, aux) if has_aux else out
 
-        return at_point
+def at_point_of(
+    func: Callable[..., Any],
+    name: str,
+    has_aux: bool,
+    argnums: tuple[int, ...],
+    bare: bool,
+    spec: TreeSpec,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Callable[..., Any]:
+    """func as a function of the differentiated leaves (see :attr:`Call.at_point`);
+    module-level so that a worker process rebuilds the same closure."""
+
+    def at_point(
+        *leaves: torch.Tensor, others: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> Any:
+        call_args, call_kwargs = args, kwargs
+        if others is not None:
+            call_args = tuple(
+                arg if i in argnums else tree_map_only(torch.Tensor, others, arg)
+                for i, arg in enumerate(args)
+            )
+            call_kwargs = tree_map_only(torch.Tensor, others, kwargs)
+        if bare:  # the common case: no pytree round trip for each point
+            new_args = list(call_args)
+            for argnum, leaf in zip(argnums, leaves):
+                new_args[argnum] = leaf
+            result = func(*new_args, **call_kwargs)
+        else:
+            result = func(*replace_primals(call_args, argnums, leaves, spec), **call_kwargs)
+        out, aux = split_output(name, result, has_aux)
+        # A bare output without aux: a tuple would cost vmap another level.
+        return (out, aux) if has_aux else out
+
+    return at_point
 
 
 def _wrap(argnums: Argnums, num_args: int) -> tuple[int, ...] | None:

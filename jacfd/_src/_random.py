@@ -61,7 +61,23 @@ class RandomState:
         mode = _PrivateGenerators(self.starts)
         with mode:
             yield
-        end = {device: g.get_state() for device, g in mode.generators.items()}
+        self.record_end({device: g.get_state() for device, g in mode.generators.items()}, where)
+
+    @classmethod
+    def replaying_from(cls, starts: dict[torch.device, torch.Tensor]) -> RandomState:
+        """A state that replays ``starts`` (another process's, e.g. the caller of a
+        worker) and leaves this process's generators alone."""
+        state = cls.__new__(cls)
+        state.cuda_indices = sorted(d.index or 0 for d in starts if d.type == "cuda")
+        state.starts = dict(starts)
+        state.start = list(starts.values())
+        state.end = None
+        state.advanced = True
+        return state
+
+    def record_end(self, end: dict[torch.device, torch.Tensor], where: str) -> None:
+        """Checks that a replayed call drew what the others drew, and moves the
+        process-wide generators on once (see :meth:`replay`)."""
         if self.end is None:
             self.end = end
         elif end.keys() != self.end.keys() or not all(

@@ -25,6 +25,7 @@ from ._stencil import Scheme, get_stencil
 from ._steps import Delta, mark_noise
 from ._strategy import StrategyOption as Strategy
 from ._structure import Dense
+from ._workers import Workers
 
 
 def hessdiagfd(
@@ -38,6 +39,8 @@ def hessdiagfd(
     chunk_size: int | None = None,
     randomness: Randomness = "error",
     strategy: Strategy = "vmap",
+    workers: Workers = None,
+    process_group: Any = None,
 ) -> Callable[P, Any]:
     """The Hessian's diagonal ``d²f/dx_i²`` for every input element, in O(n) evaluations.
 
@@ -58,6 +61,8 @@ def hessdiagfd(
         chunk_size: As in :func:`jacfd`.
         randomness: As in :func:`jacfd`.
         strategy: As in :func:`jacfd`.
+        workers: As in :func:`jacfd`.
+        process_group: As in :func:`jacfd`.
 
     Returns:
         A function returning the second derivatives in :func:`jacfd`'s layout
@@ -82,6 +87,8 @@ def hessdiagfd(
         chunk_size=chunk_size,
         randomness=randomness,
         strategy=strategy,
+        workers=workers,
+        process_group=process_group,
         derivative=2,
     )
     return _diagonal_transform(
@@ -100,6 +107,8 @@ def laplacianfd(
     chunk_size: int | None = None,
     randomness: Randomness = "error",
     strategy: Strategy = "vmap",
+    workers: Workers = None,
+    process_group: Any = None,
 ) -> Callable[P, Any]:
     """The Laplacian ``sum_i d²f/dx_i²`` over every differentiated input element.
 
@@ -132,6 +141,8 @@ def laplacianfd(
         chunk_size=chunk_size,
         randomness=randomness,
         strategy=strategy,
+        workers=workers,
+        process_group=process_group,
         derivative=2,
     )
     return _diagonal_transform(
@@ -178,6 +189,8 @@ def hessfd(
     chunk_size: int | None = None,
     randomness: Randomness = "error",
     strategy: Strategy = "vmap",
+    workers: Workers = None,
+    process_group: Any = None,
 ) -> Callable[P, Any]:
     """The Hessian of ``func`` from second-difference stencils, laid out like
     ``torch.func.hessian``.
@@ -207,6 +220,8 @@ def hessfd(
         chunk_size: As in :func:`jacfd`.
         randomness: As in :func:`jacfd`.
         strategy: As in :func:`jacfd`.
+        workers: As in :func:`jacfd`.
+        process_group: As in :func:`jacfd`.
 
     Returns:
         A function returning the Hessian: each leaf has shape
@@ -233,6 +248,8 @@ def hessfd(
         chunk_size=chunk_size,
         randomness=randomness,
         strategy=strategy,
+        workers=workers,
+        process_group=process_group,
         derivative=2,
     )
     second = options.stencil

@@ -1,0 +1,224 @@
+"""workers= and process_group=: bitwise equal to serial evaluation with the same chunks."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as torch_mp
+
+import jacfd
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def vector(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x.sin() * x.sum(), (x**2).cumsum(0)])
+
+
+def with_aux(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    return vector(x), {"norm": x.norm()}
+
+
+def batched_only(x: torch.Tensor) -> torch.Tensor:
+    assert x.dim() == 2  # a real batch, never a vmapped point
+    return x.sin() * x.sum(1, keepdim=True)
+
+
+def dropout(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.dropout(x * x.sum(), 0.3)
+
+
+def failing(x: torch.Tensor) -> torch.Tensor:
+    if float(x[2]) > 0.6:  # only at x + h e_2: the stencil point to name
+        raise ValueError("the simulator diverged")
+    return x.sin()
+
+
+def per_sample(x: torch.Tensor) -> torch.Tensor:
+    return (x**2).sum(1, keepdim=True) * x.tanh()
+
+
+@pytest.fixture(scope="module")
+def pool_map() -> Iterator[Callable[..., Any]]:
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        yield pool.map
+
+
+@pytest.fixture(scope="module")
+def thread_map() -> Iterator[Callable[..., Any]]:
+    with ThreadPoolExecutor(2) as executor:
+        yield executor.map
+
+
+X = torch.linspace(0.1, 1.0, 6, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap", "batched"])
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_strategies_bitwise(
+    pool_map: Callable[..., Any],
+    thread_map: Callable[..., Any],
+    strategy: str,
+    chunk_size: int | None,
+) -> None:
+    func = batched_only if strategy == "batched" else vector
+    x = X[None].clone() if strategy == "batched" else X
+    options: dict[str, Any] = {"strategy": strategy, "chunk_size": chunk_size}
+    if strategy == "batched":
+        options["strategy"] = jacfd.Batched(dim=0, existing=True)
+    serial = jacfd.jacfd(func, **options)(x)
+    for workers in (pool_map, thread_map):
+        parallel = jacfd.jacfd(func, workers=workers, **options)(x)
+        if chunk_size is not None or strategy == "loop":  # the same chunks: bitwise
+            assert torch.equal(parallel, serial)
+        else:  # other vmap batches than one call: equal to rounding
+            torch.testing.assert_close(parallel, serial, rtol=1e-12, atol=1e-12)
+
+
+def test_int_workers_and_every_transform(pool_map: Callable[..., Any]) -> None:
+    assert torch.equal(
+        jacfd.jacfd(vector, strategy="loop", workers=2)(X), jacfd.jacfd(vector, strategy="loop")(X)
+    )
+    loop: dict[str, Any] = {"strategy": "loop", "workers": pool_map}
+    for transform in (jacfd.hessfd, jacfd.hessdiagfd, jacfd.laplacianfd):
+        serial = transform(lambda_free_scalar, strategy="loop")(X)
+        assert torch.equal(transform(lambda_free_scalar, **loop)(X), serial)
+    with_error = jacfd.jacfd_with_error(vector, **loop)(X)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(with_error, jacfd.jacfd_with_error(vector, strategy="loop")(X))
+    )
+    v = torch.ones_like(X)
+    assert torch.equal(
+        jacfd.jvpfd(vector, (X,), (v,), **loop)[1],
+        jacfd.jvpfd(vector, (X,), (v,), strategy="loop")[1],
+    )
+    assert jacfd.check_grad(vector, X, workers=pool_map).passed
+    assert jacfd.check_sparsity(vector, torch.ones(12, 6, dtype=torch.bool), X, **loop).passed
+    x = X.clone().requires_grad_()
+    model = jacfd.differentiable(vector, **loop)
+    (grad,) = torch.autograd.grad(model(x).sum(), x)
+    torch.testing.assert_close(grad, torch.func.grad(lambda t: vector(t).sum())(X))
+
+
+def lambda_free_scalar(x: torch.Tensor) -> torch.Tensor:
+    return (x**3).sum() + x[0] * x[-1]
+
+
+def test_sparsity_aux_per_sample_and_randomness(pool_map: Callable[..., Any]) -> None:
+    pattern = torch.zeros(12, 6, dtype=torch.bool)
+    pattern[6:] = torch.tril(torch.ones(6, 6, dtype=torch.bool))
+    pattern[:6] = True
+    for options in ({"chunk_size": 2}, {"strategy": "loop"}):
+        sparse = jacfd.jacfd(vector, sparsity=pattern, workers=pool_map, **options)(X)
+        assert torch.equal(sparse, jacfd.jacfd(vector, sparsity=pattern, **options)(X))
+    jac, aux = jacfd.jacfd(with_aux, has_aux=True, workers=pool_map, chunk_size=4)(X)
+    serial_jac, serial_aux = jacfd.jacfd(with_aux, has_aux=True, chunk_size=4)(X)
+    assert torch.equal(jac, serial_jac) and torch.equal(aux["norm"], serial_aux["norm"])
+    batch = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(
+        jacfd.jacfd(per_sample, batch_dim=0, workers=pool_map, chunk_size=2)(batch),
+        jacfd.jacfd(per_sample, batch_dim=0, chunk_size=2)(batch),
+    )
+    for options in ({"strategy": "loop"}, {"chunk_size": 3}, {}):
+        torch.manual_seed(1)
+        serial = jacfd.jacfd(dropout, randomness="same", **options)(X)
+        after_serial = torch.rand(())
+        torch.manual_seed(1)
+        parallel = jacfd.jacfd(dropout, randomness="same", workers=pool_map, **options)(X)
+        assert torch.equal(parallel, serial) if options else torch.allclose(parallel, serial)
+        assert torch.equal(torch.rand(()), after_serial)  # the generator moved on alike
+
+
+def test_failures_name_the_point(pool_map: Callable[..., Any]) -> None:
+    x = torch.tensor([0.0, 0.0, 0.5], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"x \+ h along element 2 .*simulator diverged"):
+        jacfd.jacfd(failing, strategy="loop", delta=0.25, workers=pool_map)(x)
+    with pytest.raises(TypeError, match=r"lambda.*module level.*ThreadPoolExecutor"):
+        jacfd.jacfd(lambda x: x.sin(), workers=2)(X)
+    with pytest.raises(TypeError, match="module level"):
+        jacfd.jacfd(lambda x: x.sin(), workers=pool_map)(X)
+    # A thread pool needs no pickling: closures work.
+    with ThreadPoolExecutor(2) as executor:
+        torch.testing.assert_close(
+            jacfd.jacfd(lambda x: x.sin(), workers=executor.map)(X), torch.diag(X.cos())
+        )
+    with pytest.raises(TypeError, match=r"jacfd\(func, workers=.*Pass its map method"):
+        jacfd.jacfd(vector, workers=ThreadPoolExecutor(1))
+    with pytest.raises(ValueError, match="positive, or -1"):
+        jacfd.jacfd(vector, workers=0)
+    with pytest.raises(TypeError, match="process group"):
+        jacfd.hessfd(vector, process_group="world")
+    with pytest.raises(ValueError, match=r"torch\.func transform"):
+        torch.func.vmap(jacfd.jacfd(vector, workers=pool_map))(X[None])
+
+
+# ---- torch.distributed: ranks spawned once per world size ----
+
+
+def _ranks(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    group = dist.group.WORLD
+    try:
+        pattern = torch.zeros(12, 6, dtype=torch.bool)
+        pattern[6:] = torch.tril(torch.ones(6, 6, dtype=torch.bool))
+        pattern[:6] = True
+        batch = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        cases: list[tuple[Callable[..., Any], dict[str, Any], torch.Tensor]] = [
+            (jacfd.jacfd, {"func": vector, "strategy": "loop"}, X),  # 13 rows: ranks uneven
+            (jacfd.jacfd, {"func": vector, "chunk_size": 5}, X),
+            (jacfd.jacfd, {"func": vector, "sparsity": pattern, "chunk_size": 2}, X),
+            (jacfd.jacfd, {"func": per_sample, "batch_dim": 0, "chunk_size": 2}, batch),
+            (jacfd.hessfd, {"func": lambda_free_scalar, "chunk_size": 7}, X),
+        ]
+        for transform, options, x in cases:
+            serial = transform(**options)(x)
+            shared = transform(**options, process_group=group)(x)
+            assert torch.equal(shared, serial), (world, options)
+        torch.manual_seed(rank)  # different generators: rank 0's state is used
+        shared = jacfd.jacfd(dropout, randomness="same", chunk_size=4, process_group=group)(X)
+        torch.manual_seed(0)
+        serial = jacfd.jacfd(dropout, randomness="same", chunk_size=4)(X)
+        assert torch.equal(shared, serial)
+        jac, aux = jacfd.jacfd(with_aux, has_aux=True, strategy="loop", process_group=group)(X)
+        assert torch.equal(jac, jacfd.jacfd(vector, strategy="loop")(X))
+        assert torch.equal(aux["norm"], X.norm())
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_distributed_gloo(world: int) -> None:
+    torch_mp.spawn(_ranks, args=(world, 29400 + world + os.getpid() % 500), nprocs=world)
+
+
+def test_torchrun_example() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    script = ROOT / "docs" / "scripts" / "distributed_example.py"
+    port = str(29000 + os.getpid() % 300)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += ["--master_port", port, str(script)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "2 ranks: Jacobian (8, 16), equal to one process's" in done.stdout
+
+
+def test_workers_example() -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    script = ROOT / "docs" / "scripts" / "workers_example.py"
+    done = subprocess.run(
+        [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "the same Jacobian" in done.stdout
