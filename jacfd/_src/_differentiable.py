@@ -28,7 +28,17 @@ from ._jacfd import jacfd
 SIGNATURE_CACHE_SIZE = 32
 """Call signatures (pytree structure and non-tensor arguments) kept per function."""
 
-_JACFD_OPTIONS = ("delta", "scheme", "order", "chunk_size", "randomness", "strategy")
+_JACFD_OPTIONS = (
+    "delta",
+    "scheme",
+    "order",
+    "chunk_size",
+    "randomness",
+    "strategy",
+    "typical",
+    "noise",
+    "bounds",
+)
 
 
 _counter = itertools.count()
@@ -218,7 +228,8 @@ def differentiable(
             differentiated tensors' elements (flattened in order) and all outputs'.
         batch_dim: As in :func:`jacfd`: func's samples along this dimension of
             every differentiated input and every output do not interact.
-        **options: :func:`jacfd`'s ``delta``, ``scheme``, ``order``,
+        **options: :func:`jacfd`'s ``typical``, ``noise``, ``bounds`` (floats:
+            they apply to every differentiated element), ``delta``, ``scheme``, ``order``,
             ``chunk_size`` (bounds the points evaluated at once in a backward; a
             dense backward never holds more than a chunk's columns), ``randomness``
             and ``strategy``,

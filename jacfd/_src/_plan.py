@@ -30,6 +30,7 @@ from ._inputs import (
 )
 from ._points import PointSet
 from ._random import RANDOMNESS, Randomness
+from ._rule import StepRule, check_rule, match_rule
 from ._stencil import Stencil, resolve_stencil
 from ._steps import Delta, StepSpec, check_delta, match_delta, noise_of
 from ._strategy import Strategy, resolve_strategy
@@ -55,6 +56,8 @@ class Options:
     noise_exponent: float
     """func's values are accurate to ~eps**noise_exponent: 1, or less if func was
     itself made by jacfd."""
+    rule: StepRule | None = None
+    """``typical``, ``noise`` and ``bounds``, if any was given (see ``_rule``)."""
 
     @property
     def single_argnum(self) -> bool:
@@ -74,6 +77,9 @@ def check_options(
     randomness: Randomness,
     strategy: object = "vmap",
     derivative: int = 1,
+    typical: Any = None,
+    noise: Any = None,
+    bounds: Any = None,
 ) -> Options:
     """Validates the options at run time too: callers need not be type-checked."""
     check_callable(name, func)
@@ -109,6 +115,7 @@ def check_options(
         randomness,
         resolve_strategy(name, strategy, chunk_size, randomness),
         noise_of(func),
+        check_rule(name, typical, noise, bounds, stencil),
     )
 
 
@@ -135,6 +142,8 @@ class Plan:
     """What the structure decided for this signature (e.g. the batch size)."""
     checked_dtypes: dict[float, list[torch.dtype]] = field(default_factory=dict)
     """Output dtypes already checked (per output precision): not checked again."""
+    rule_specs: Any = None
+    """What ``options.rule`` matched to the differentiated leaves (see ``_rule``)."""
     output_eps: list[float] = field(default_factory=lambda: [0.0])
     """The outputs' eps once func turned out to compute coarser than its inputs:
     later calls step for it at once, instead of redoing the first chunk."""
@@ -151,6 +160,10 @@ class Call:
     ``others`` maps the tensors of the non-differentiated arguments."""
     modules: tuple[torch.nn.Module, ...] = ()
     """The modules func visibly uses, whose buffers are kept (see ``_buffers``)."""
+    noise: float | None = None
+    """func's relative noise as given or estimated for this call (``noise=``)."""
+    misfit: torch.Tensor | None = None
+    """With ``bounds`` and a central stencil: the coordinates without room for it."""
 
 
 PointsFactory = Callable[[list[torch.Tensor]], "tuple[PointSet, Any]"]
@@ -226,6 +239,9 @@ class Planner:
             calls,
             len(primals) > 1 and points.shares_leaves,
             extra,
+            rule_specs=None
+            if options.rule is None
+            else match_rule(name, options.rule, primals, spec),
         )
 
     def _at_point(

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch.utils._pytree import tree_unflatten
 
+from ._bounds import OneSided
 from ._contract import Contraction
 from ._driver import Columns, run_points
 from ._inputs import Argnums, P, wraps
@@ -38,6 +39,9 @@ def hessdiagfd(
     chunk_size: int | None = None,
     randomness: Randomness = "error",
     strategy: Strategy = "vmap",
+    typical: Any = None,
+    noise: float | str | None = None,
+    bounds: Any = None,
 ) -> Callable[P, Any]:
     """The Hessian's diagonal ``d²f/dx_i²`` for every input element, in O(n) evaluations.
 
@@ -58,6 +62,10 @@ def hessdiagfd(
         chunk_size: As in :func:`jacfd`.
         randomness: As in :func:`jacfd`.
         strategy: As in :func:`jacfd`.
+        typical: As in :func:`jacfd`.
+        noise: As in :func:`jacfd`.
+        bounds: As in :func:`jacfd`; near a bound a central stencil is replaced
+            by a one-sided second-difference stencil of the same order (at most 4).
 
     Returns:
         A function returning the second derivatives in :func:`jacfd`'s layout
@@ -83,6 +91,9 @@ def hessdiagfd(
         randomness=randomness,
         strategy=strategy,
         derivative=2,
+        typical=typical,
+        noise=noise,
+        bounds=bounds,
     )
     return _diagonal_transform(
         func, options, lambda call, columns: Dense().assemble(options, call, columns)
@@ -100,6 +111,9 @@ def laplacianfd(
     chunk_size: int | None = None,
     randomness: Randomness = "error",
     strategy: Strategy = "vmap",
+    typical: Any = None,
+    noise: float | str | None = None,
+    bounds: Any = None,
 ) -> Callable[P, Any]:
     """The Laplacian ``sum_i d²f/dx_i²`` over every differentiated input element.
 
@@ -133,6 +147,9 @@ def laplacianfd(
         randomness=randomness,
         strategy=strategy,
         derivative=2,
+        typical=typical,
+        noise=noise,
+        bounds=bounds,
     )
     return _diagonal_transform(
         func,
@@ -147,19 +164,26 @@ def _diagonal_transform(
     func: Callable[..., Any], options: Options, finish: Callable[[Call, Columns], Any]
 ) -> Callable[..., Any]:
     stencil = options.stencil
-    offsets = stencil.shifted_offsets
-    contraction = Contraction.of(stencil, offsets)
-    with_center = contraction.needs_center or options.has_aux
-    planner = Planner(
-        func,
-        options,
-        lambda primals: Dense().points(options, primals, offsets, [contraction], with_center),
-    )
+
+    def build(options: Options) -> Planner:
+        offsets = options.stencil.shifted_offsets
+        contraction = Contraction.of(options.stencil, offsets)
+        with_center = contraction.needs_center or options.has_aux
+        return Planner(
+            func,
+            options,
+            lambda primals: Dense().points(options, primals, offsets, [contraction], with_center),
+        )
+
+    planner = build(options)
+    one_sided = OneSided.of(options, build)
 
     @wraps(func)
     def transformed(*args: Any, **kwargs: Any) -> Any:
         call = planner.prepare(args, kwargs)
         columns = run_points(call, options)
+        if one_sided is not None:
+            columns = one_sided.merge(call, columns, args, kwargs)
         result = finish(call, columns)
         return (result, columns.aux) if options.has_aux else result
 
@@ -178,6 +202,9 @@ def hessfd(
     chunk_size: int | None = None,
     randomness: Randomness = "error",
     strategy: Strategy = "vmap",
+    typical: Any = None,
+    noise: float | str | None = None,
+    bounds: Any = None,
 ) -> Callable[P, Any]:
     """The Hessian of ``func`` from second-difference stencils, laid out like
     ``torch.func.hessian``.
@@ -207,6 +234,10 @@ def hessfd(
         chunk_size: As in :func:`jacfd`.
         randomness: As in :func:`jacfd`.
         strategy: As in :func:`jacfd`.
+        typical: As in :func:`jacfd`.
+        noise: As in :func:`jacfd`.
+        bounds: As in :func:`jacfd`; near a bound a central stencil is replaced
+            by a one-sided second-difference stencil of the same order (at most 4).
 
     Returns:
         A function returning the Hessian: each leaf has shape
@@ -234,21 +265,35 @@ def hessfd(
         randomness=randomness,
         strategy=strategy,
         derivative=2,
+        typical=typical,
+        noise=noise,
+        bounds=bounds,
     )
     second = options.stencil
-    first = get_stencil(scheme, second.accuracy, 1)
 
-    def points(primals: list[Any]) -> tuple[MixedPoints, None]:
-        n = sum(leaf.numel() for leaf in primals)
-        device = primals[0].device
-        return MixedPoints(n, first, second, device, options.chunk_size), None
+    def build(options: Options) -> Planner:
+        second = options.stencil
+        sided = "central" if min(second.offsets) < 0 < max(second.offsets) else "forward"
+        first = get_stencil(scheme if sided == "central" else sided, second.accuracy, 1)
+        if min(second.offsets) < 0 and max(second.offsets) <= 0:
+            first = get_stencil("backward", second.accuracy, 1)
 
-    planner = Planner(func, options, points)
+        def points(primals: list[Any]) -> tuple[MixedPoints, None]:
+            n = sum(leaf.numel() for leaf in primals)
+            device = primals[0].device
+            return MixedPoints(n, first, second, device, options.chunk_size), None
+
+        return Planner(func, options, points)
+
+    planner = build(options)
+    one_sided = OneSided.of(options, build)
 
     @wraps(func)
     def hessian(*args: Any, **kwargs: Any) -> Any:
         call = planner.prepare(args, kwargs)
         columns = run_points(call, options)
+        if one_sided is not None:
+            columns = one_sided.merge(call, columns, args, kwargs, mixed=True)
         plan = call.plan
         result = to_hessian_layout(
             columns.blocks[0], columns.out_spec, plan.shapes, plan.spec, options.single_argnum
