@@ -19,6 +19,7 @@ from ._src._gradcheck_report import (
 )
 from ._src._jacfd import jacfd, jacfd_with_error
 from ._src._jvp import jvpfd
+from ._src._noise import estimate_noise
 from ._src._patterns import (
     SparsityReport,
     banded_pattern,
@@ -42,6 +43,7 @@ __all__ = [
     "check_sparsity",
     "diagonal_pattern",
     "differentiable",
+    "estimate_noise",
     "hessdiagfd",
     "hessfd",
     "jacfd",

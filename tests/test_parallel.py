@@ -200,13 +200,23 @@ def _ranks(rank: int, world: int, port: int) -> None:
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_distributed_gloo(world: int) -> None:
-    torch_mp.spawn(_ranks, args=(world, 29400 + world + os.getpid() % 500), nprocs=world)
+    torch_mp.spawn(_ranks, args=(world, _free_port()), nprocs=world)
+
+
+def _free_port() -> int:
+    """A port no one listens on now (the OS picks it), for the ranks' store."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 def test_torchrun_example() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     script = ROOT / "docs" / "scripts" / "distributed_example.py"
-    port = str(29000 + os.getpid() % 300)
+    port = str(_free_port())
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
     command += ["--master_port", port, str(script)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)

@@ -37,6 +37,9 @@ _JACFD_OPTIONS = (
     "strategy",
     "workers",
     "process_group",
+    "typical",
+    "noise",
+    "bounds",
 )
 
 
@@ -246,7 +249,8 @@ def differentiable(
             differentiated tensors' elements (flattened in order) and all outputs'.
         batch_dim: As in :func:`jacfd`: func's samples along this dimension of
             every differentiated input and every output do not interact.
-        **options: :func:`jacfd`'s ``delta``, ``scheme``, ``order``,
+        **options: :func:`jacfd`'s ``typical``, ``noise``, ``bounds`` (floats:
+            they apply to every differentiated element), ``delta``, ``scheme``, ``order``,
             ``chunk_size`` (bounds the points evaluated at once in a backward; a
             dense backward never holds more than a chunk's columns), ``randomness``
             and ``strategy``,

@@ -20,6 +20,7 @@ from ._buffers import kept_buffers
 from ._plan import Call, Options
 from ._points import Blocks, Chunk
 from ._random import rng_for
+from ._rule import rule_steps
 from ._steps import exact_steps
 from ._strategy import evaluate
 from ._workers import evaluate_in_parallel
@@ -82,6 +83,8 @@ def steps_for(call: Call, options: Options, output_eps: float) -> list[torch.Ten
     """Each leaf's steps for func's precision: the coarser of the input's and the
     output's eps, worsened by any jacfd inside func."""
     plan = call.plan
+    if options.rule is not None:  # typical, noise or bounds: see _rule
+        return rule_steps(call, options, output_eps)
     if not output_eps:  # the usual case: precisions decided with the plan
         precisions = plan.precisions
     else:

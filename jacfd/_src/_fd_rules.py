@@ -20,7 +20,17 @@ from ._jacfd import jacfd, vector_jacobian
 from ._jvp import jvpfd
 
 NAME = "differentiable(func, ...)"
-_JVP_OPTIONS = ("scheme", "order", "randomness", "strategy", "workers", "process_group")
+_JVP_OPTIONS = (
+    "scheme",
+    "order",
+    "randomness",
+    "strategy",
+    "workers",
+    "process_group",
+    "typical",
+    "noise",
+    "bounds",
+)
 
 
 class _Call:
@@ -85,8 +95,9 @@ def _vjp(
     call: _Call, wrt: tuple[int, ...], xs: Sequence[torch.Tensor], cts: Sequence[Any]
 ) -> list[torch.Tensor]:
     """``v^T J`` for the inputs ``wrt``, from the finite-difference Jacobian at ``xs``."""
-    if call.batch_dim is None and call.sparsity is None:
-        # Dense: contracted chunk by chunk, never holding the Jacobian.
+    if call.batch_dim is None and call.sparsity is None and "bounds" not in call.options:
+        # Dense: contracted chunk by chunk, never holding the Jacobian (with bounds,
+        # the one-sided columns are merged into the Jacobian instead).
         products = call.vector_jacobian(wrt)(list(cts), *xs)
         return [g.to(xs[i].dtype) for g, i in zip(products, wrt)]
     jac = call.jacobian(wrt)(*xs)

@@ -8,12 +8,13 @@ from typing import Any, Literal, overload
 
 import torch
 
+from ._bounds import OneSided
 from ._coloring import color_columns
 from ._contract import Contraction
 from ._driver import run_points
 from ._inputs import Argnums, P, wraps
 from ._layout import to_torch_func_layout
-from ._plan import Planner, check_options
+from ._plan import Options, Planner, check_options
 from ._random import Randomness
 from ._stencil import Scheme, richardson
 from ._steps import Delta, mark_noise
@@ -43,6 +44,9 @@ def jacfd(
     sparsity: Any = None,
     sparse_output: bool = False,
     batch_dim: int | None = None,
+    typical: Any = None,
+    noise: float | str | None = None,
+    bounds: Any = None,
 ) -> Callable[P, Any]:
     """Jacobian of ``func`` by finite differences, laid out like ``torch.func.jacrev``.
 
@@ -140,6 +144,29 @@ def jacfd(
             rank calls with the same arguments, evaluates its share of the
             chunks on its own device, and returns the whole Jacobian (the
             values are all-gathered). ``None`` (default): this process only.
+        typical: The size of an input that is typical for func: the automatic
+            step is then ``c * eps**(1/(p+1)) * max(|x|, typical)`` instead of
+            ``max(|x|, 1)`` (Dennis and Schnabel's ``typx``). A positive float, a
+            tensor broadcastable to the differentiated tensor, or a pytree
+            matching the differentiated arguments. Give it for inputs whose
+            natural size is far below 1 (rate constants of 1e-5, lengths in
+            km), e.g. ``typical=x.abs().clamp_min(1e-12)`` for a relative step.
+        noise: How accurate func's values are. ``None`` (default): to the
+            output dtype's eps. A float: their relative noise (e.g. an ODE
+            solver's ``rtol``, or ``6e-8`` for float32 arithmetic behind
+            float64 casts); the steps balance truncation against
+            ``max(eps, noise)``. ``"estimate"``: measured at every call from 9
+            extra evaluations along a seeded random direction (Moré and Wild's
+            ECnoise; see :func:`estimate_noise`, which returns the level used).
+        bounds: ``(lower, upper)``: func is never evaluated outside them. Each
+            a float (``-math.inf``/``math.inf`` for none), a tensor broadcastable
+            to the differentiated tensor, or a pytree matching the
+            differentiated arguments. Near a bound a one-sided stencil steps
+            towards the room; a central one is replaced, for those coordinates,
+            by a one-sided stencil of the same order (at most 4; one extra pass
+            of evaluations when some coordinate needs it); a step shrinks where
+            the room is shorter than the stencil. A point outside the bounds is
+            refused.
 
     Returns:
         A function taking the same arguments as ``func`` and returning its
@@ -174,6 +201,9 @@ def jacfd(
         strategy=strategy,
         workers=workers,
         process_group=process_group,
+        typical=typical,
+        noise=noise,
+        bounds=bounds,
     )
     structure = _structure(sparsity, sparse_output, batch_dim, strategy)
     options = dataclasses.replace(options, strategy=structure.strategy(options.strategy))
@@ -182,19 +212,31 @@ def jacfd(
 
 def _transform(func: Callable[P, Any], options: Any, structure: Structure) -> Callable[P, Any]:
     stencil = options.stencil
-    offsets = stencil.shifted_offsets
-    contraction = Contraction.of(stencil, offsets)
-    with_center = contraction.needs_center or (options.has_aux and not stencil.imaginary)
-    planner = Planner(
-        func,
-        options,
-        lambda primals: structure.points(options, primals, offsets, [contraction], with_center),
-    )
+
+    def build(options: Options) -> Planner:
+        offsets = options.stencil.shifted_offsets
+        contraction = Contraction.of(options.stencil, offsets)
+        with_center = contraction.needs_center or (
+            options.has_aux and not options.stencil.imaginary
+        )
+        return Planner(
+            func,
+            options,
+            lambda primals: structure.points(
+                options, primals, offsets, [contraction], with_center
+            ),
+        )
+
+    planner = build(options)
+    # Colours mix coordinates: only a dense Jacobian takes columns from a one-sided pass.
+    one_sided = OneSided.of(options, build) if isinstance(structure, Dense) else None
 
     @wraps(func)
     def jacobian(*args: Any, **kwargs: Any) -> Any:
         call = planner.prepare(args, kwargs)
         columns = run_points(call, options)
+        if one_sided is not None:
+            columns = one_sided.merge(call, columns, args, kwargs)
         jac = structure.assemble(options, call, columns)
         return (jac, columns.aux) if options.has_aux else jac
 
@@ -259,6 +301,9 @@ def jacfd_with_error(
     strategy: Strategy = "vmap",
     workers: Workers = None,
     process_group: Any = None,
+    typical: Any = None,
+    noise: float | str | None = None,
+    bounds: Any = None,
 ) -> Callable[P, tuple[Any, Any]]: ...
 
 
@@ -276,6 +321,9 @@ def jacfd_with_error(
     strategy: Strategy = "vmap",
     workers: Workers = None,
     process_group: Any = None,
+    typical: Any = None,
+    noise: float | str | None = None,
+    bounds: Any = None,
 ) -> Callable[P, tuple[Any, Any, Any]]: ...
 
 
@@ -293,6 +341,9 @@ def jacfd_with_error(
     strategy: Strategy = "vmap",
     workers: Workers = None,
     process_group: Any = None,
+    typical: Any = None,
+    noise: float | str | None = None,
+    bounds: Any = None,
 ) -> Callable[P, tuple[Any, ...]]: ...
 
 
@@ -309,6 +360,9 @@ def jacfd_with_error(
     strategy: Strategy = "vmap",
     workers: Workers = None,
     process_group: Any = None,
+    typical: Any = None,
+    noise: float | str | None = None,
+    bounds: Any = None,
 ) -> Callable[P, tuple[Any, ...]]:
     """A Richardson-extrapolated Jacobian, with a per-entry estimate of its error.
 
@@ -322,7 +376,9 @@ def jacfd_with_error(
     the Jacobian entry is exactly zero; its error keeps the rounding bound, as
     a derivative below it would leave every value unchanged too.
 
-    Takes the same arguments as :func:`jacfd`; the step rule is that of
+    Takes the same arguments as :func:`jacfd` (without ``sparsity`` and
+    ``batch_dim``); with ``noise``, the rounding bound uses ``max(eps, noise)``.
+    The step rule is that of
     ``scheme`` and ``order``, and costs twice its evaluations. At that step
     rounding and truncation errors are balanced, so the extrapolation removes
     only half of the error: the point of this transform is the estimate. With a
@@ -354,28 +410,38 @@ def jacfd_with_error(
         strategy=strategy,
         workers=workers,
         process_group=process_group,
-    )
-    extrapolated, spread = richardson(options.stencil)
-    offsets = tuple(o for o in extrapolated.offsets if o != 0)
-    contractions = [
-        Contraction.of(extrapolated, offsets),
-        Contraction.of(spread, offsets),
-        Contraction.of(extrapolated, offsets, absolute=True),
-    ]
-    with_center = any(c.needs_center for c in contractions) or (
-        has_aux and not options.stencil.imaginary
+        typical=typical,
+        noise=noise,
+        bounds=bounds,
     )
     dense = Dense()
-    planner = Planner(
-        func,
-        options,
-        lambda primals: dense.points(options, primals, offsets, contractions, with_center),
-    )
+
+    def build(options: Options) -> Planner:
+        extrapolated, spread = richardson(options.stencil)
+        offsets = tuple(o for o in extrapolated.offsets if o != 0)
+        contractions = [
+            Contraction.of(extrapolated, offsets),
+            Contraction.of(spread, offsets),
+            Contraction.of(extrapolated, offsets, absolute=True),
+        ]
+        with_center = any(c.needs_center for c in contractions) or (
+            has_aux and not options.stencil.imaginary
+        )
+        return Planner(
+            func,
+            options,
+            lambda primals: dense.points(options, primals, offsets, contractions, with_center),
+        )
+
+    planner = build(options)
+    one_sided = OneSided.of(options, build)
 
     @wraps(func)
     def jacobian_with_error(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
         call = planner.prepare(args, kwargs)
         columns = run_points(call, options)
+        if one_sided is not None:
+            columns = one_sided.merge(call, columns, args, kwargs)
         _, spread_blocks, magnitude_blocks = columns.blocks
         # The rounding of one evaluation, relative: eps of the coarser of input and output.
         input_eps = torch.cat(
@@ -387,6 +453,8 @@ def jacfd_with_error(
         error_blocks = []
         for spread_block, magnitude in zip(spread_blocks, magnitude_blocks):
             eps = input_eps.clamp_min(torch.finfo(magnitude.dtype).eps)
+            if call.noise is not None:  # func's own noise, given or estimated
+                eps = eps.clamp_min(call.noise)
             eps = (eps**options.noise_exponent).to(magnitude.device, magnitude.dtype)
             scale = eps.reshape(-1, *([1] * (magnitude.dim() - 1)))
             error_blocks.append(spread_block.abs() + ROUNDING_SAFETY * scale * magnitude)
@@ -420,6 +488,8 @@ def vector_jacobian(
         strategy=kwargs.get("strategy", "vmap"),
         workers=kwargs.get("workers"),
         process_group=kwargs.get("process_group"),
+        typical=kwargs.get("typical"),
+        noise=kwargs.get("noise"),
     )
     stencil = options.stencil
     offsets = stencil.shifted_offsets

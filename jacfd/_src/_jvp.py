@@ -9,11 +9,14 @@ from typing import Any, Literal, overload
 import torch
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
+from ._bounds import OneSided, flat_bound
 from ._contract import Contraction
 from ._driver import run_points
-from ._plan import Planner, check_options
+from ._plan import Options, Planner, check_options
 from ._random import Randomness
-from ._stencil import Scheme
+from ._rule import check_rule
+from ._stencil import Scheme, get_stencil
+from ._steps import match_delta
 from ._strategy import Batched
 from ._strategy import StrategyOption as Strategy
 from ._structure import Dense
@@ -34,6 +37,9 @@ def jvpfd(
     strategy: Strategy = "vmap",
     workers: Workers = None,
     process_group: Any = None,
+    typical: Any = None,
+    noise: float | str | None = None,
+    bounds: Any = None,
 ) -> tuple[Any, Any]: ...
 
 
@@ -51,6 +57,9 @@ def jvpfd(
     strategy: Strategy = "vmap",
     workers: Workers = None,
     process_group: Any = None,
+    typical: Any = None,
+    noise: float | str | None = None,
+    bounds: Any = None,
 ) -> tuple[Any, Any, Any]: ...
 
 
@@ -68,6 +77,9 @@ def jvpfd(
     strategy: Strategy = "vmap",
     workers: Workers = None,
     process_group: Any = None,
+    typical: Any = None,
+    noise: float | str | None = None,
+    bounds: Any = None,
 ) -> tuple[Any, ...]: ...
 
 
@@ -84,6 +96,9 @@ def jvpfd(
     strategy: Strategy = "vmap",
     workers: Workers = None,
     process_group: Any = None,
+    typical: Any = None,
+    noise: float | str | None = None,
+    bounds: Any = None,
 ) -> tuple[Any, ...]:
     """``(func(*primals), J @ tangents)`` by finite differences along ``tangents``.
 
@@ -112,6 +127,13 @@ def jvpfd(
         strategy: As in :func:`jacfd`.
         workers: As in :func:`jacfd`.
         process_group: As in :func:`jacfd`.
+        typical: A positive float or a pytree like ``primals``: the automatic
+            step uses ``max(|x_k|, typical_k)`` in place of ``max(1, |x_k|)``.
+        noise: As in :func:`jacfd` (the estimate moves along the tangent).
+        bounds: ``(lower, upper)``, each a float or a pytree like ``primals``:
+            no point leaves them. The step along the tangent shrinks to the
+            room, and a central stencil without room on one side becomes a
+            one-sided one of the same order (at most 4).
 
     Returns:
         ``(output, tangent_out)``, or ``(output, tangent_out, aux)`` with
@@ -175,13 +197,20 @@ def jvpfd(
     for p in flat_primals[1:]:  # (max with a key does not trace under torch.compile)
         if torch.finfo(p.dtype).eps > torch.finfo(dtype).eps:
             dtype = p.dtype
-    scale = _scale(flat_primals, flat_tangents, dtype)
+    typicals: list[Any] = [None] * len(flat_primals)
+    if typical is not None:
+        check_rule("jvpfd", typical, None, None, get_stencil("central"))
+        typicals = match_delta("jvpfd", typical, flat_primals, spec, "typical")
+    scale = _scale(flat_primals, flat_tangents, dtype, typicals)
     if delta is not None:
         scale = torch.ones_like(scale)
         _check_moves(delta, flat_primals, flat_tangents)
 
     along = _Along(func, flat_primals, flat_tangents, scale, spec)
 
+    s_bounds = None
+    if bounds is not None:
+        s_bounds = _along_bounds(bounds, flat_primals, flat_tangents, spec, scale)
     options = check_options(
         "jvpfd",
         func,
@@ -195,6 +224,8 @@ def jvpfd(
         strategy=strategy,
         workers=workers,
         process_group=process_group,
+        noise=noise,
+        bounds=s_bounds,
     )
     if isinstance(options.strategy, Batched) and (
         options.strategy.dim != 0 or options.strategy.existing
@@ -205,16 +236,23 @@ def jvpfd(
             "Batched(dim=0) (out_dim may differ)."
         )
     stencil = options.stencil
-    offsets = stencil.shifted_offsets
-    contraction = Contraction.of(stencil, offsets)
     s0 = torch.zeros((), dtype=dtype, device=flat_primals[0].device)
-    # The centre is always evaluated: jvpfd returns func(*primals) itself.
-    planner = Planner(
-        along,
-        options,
-        lambda leaves: Dense().points(options, leaves, offsets, [contraction], True),
-    )
-    columns = run_points(planner.prepare((s0,), {}), options)
+
+    def build(options: Options) -> Planner:
+        offsets = options.stencil.shifted_offsets
+        contraction = Contraction.of(options.stencil, offsets)
+        # The centre is always evaluated: jvpfd returns func(*primals) itself.
+        return Planner(
+            along,
+            options,
+            lambda leaves: Dense().points(options, leaves, offsets, [contraction], True),
+        )
+
+    call = build(options).prepare((s0,), {})
+    columns = run_points(call, options)
+    one_sided = OneSided.of(options, build)
+    if one_sided is not None:
+        columns = one_sided.merge(call, columns, (s0,), {})
     center = columns.center
     if center is None:
         raise AssertionError("the centre point was not evaluated")
@@ -259,8 +297,53 @@ def _step_dtype(primal: torch.dtype, shift: torch.Tensor) -> torch.dtype:
     return torch.promote_types(primal, torch.complex64) if shift.is_complex() else primal
 
 
+def _along_bounds(
+    bounds: Any,
+    primals: list[torch.Tensor],
+    tangents: list[torch.Tensor],
+    spec: Any,
+    scale: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The interval of ``s`` for which ``primals + s * scale * tangents`` stays in
+    ``bounds``: the bounds of the one coordinate jvpfd differentiates along."""
+    rule = check_rule("jvpfd", None, None, bounds, get_stencil("central"))
+    if rule is None or rule.bounds is None:
+        raise AssertionError("bounds were given")
+    lower, upper = rule.bounds
+    lows = match_delta("jvpfd", lower, primals, spec, "bounds")
+    highs = match_delta("jvpfd", upper, primals, spec, "bounds")
+    s_lo = torch.full((), -torch.inf, dtype=scale.dtype, device=scale.device)
+    s_hi = torch.full((), torch.inf, dtype=scale.dtype, device=scale.device)
+    for p, v, lo, hi in zip(primals, tangents, lows, highs):
+        x = p.detach().reshape(-1).to(scale.dtype)
+        d = v.detach().reshape(-1).to(scale.dtype) * scale
+        lo_t, hi_t = flat_bound(lo, p).to(x), flat_bound(hi, p).to(x)
+        if not torch.compiler.is_compiling():
+            outside = (x < lo_t) | (x > hi_t)
+            try:
+                bad = bool(outside.any())
+            except RuntimeError:  # under vmap
+                bad = False
+            if bad:
+                raise ValueError(
+                    "jvpfd(func, primals, tangents, bounds): a primal is outside its bounds; "
+                    "func is never evaluated outside them, so start inside."
+                )
+        moving = d != 0
+        safe = torch.where(moving, d, torch.ones_like(d))
+        a, b = (lo_t - x) / safe, (hi_t - x) / safe
+        s_lo = torch.maximum(s_lo, torch.where(moving, torch.minimum(a, b), -torch.inf).amax())
+        s_hi = torch.minimum(s_hi, torch.where(moving, torch.maximum(a, b), torch.inf).amin())
+    # x + s * d is rounded: keep a few ulps inside.
+    shrink = 1 - 8 * torch.finfo(scale.dtype).eps
+    return s_lo * shrink, s_hi * shrink
+
+
 def _scale(
-    primals: list[torch.Tensor], tangents: list[torch.Tensor], dtype: torch.dtype
+    primals: list[torch.Tensor],
+    tangents: list[torch.Tensor],
+    dtype: torch.dtype,
+    typicals: list[Any] | None = None,
 ) -> torch.Tensor:
     """``min_k max(1, |x_k|) / |v_k|`` over the coordinates with a finite, non-zero
     tangent at a finite point (1 if there are none), as a 0-dim tensor.
@@ -270,10 +353,15 @@ def _scale(
     """
     inf = torch.full((1,), torch.inf, dtype=dtype, device=primals[0].device)
     ratios = [inf]
-    for p, v in zip(primals, tangents):
+    for k, (p, v) in enumerate(zip(primals, tangents)):
         x, t = p.detach().reshape(-1).to(dtype), v.detach().reshape(-1).to(dtype).abs()
         valid = torch.isfinite(x) & torch.isfinite(t) & (t > 0)
-        ratio = x.abs().clamp_min(1.0) / torch.where(valid, t, torch.ones_like(t))
+        size = None if typicals is None else typicals[k]
+        if size is None or isinstance(size, (int, float)):
+            magnitude = x.abs().clamp_min(1.0 if size is None else float(size))
+        else:
+            magnitude = torch.maximum(x.abs(), size.detach().to(x).expand(p.shape).reshape(-1))
+        ratio = magnitude / torch.where(valid, t, torch.ones_like(t))
         ratios.append(torch.where(valid, ratio, torch.full_like(ratio, torch.inf)))
     scale = torch.cat(ratios).amin()
     return torch.where(torch.isfinite(scale), scale, torch.ones_like(scale))

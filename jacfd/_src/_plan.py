@@ -30,6 +30,7 @@ from ._inputs import (
 )
 from ._points import PointSet
 from ._random import RANDOMNESS, Randomness
+from ._rule import StepRule, check_rule, match_rule
 from ._stencil import Stencil, resolve_stencil
 from ._steps import Delta, StepSpec, check_delta, match_delta, noise_of
 from ._strategy import Strategy, resolve_strategy
@@ -60,6 +61,8 @@ class Options:
     """Where the chunks are evaluated: here (None), a pool of processes, or a map."""
     process_group: Any = None
     """A ``torch.distributed`` group sharing the chunks among its ranks, or None."""
+    rule: StepRule | None = None
+    """``typical``, ``noise`` and ``bounds``, if any was given (see ``_rule``)."""
 
     @property
     def single_argnum(self) -> bool:
@@ -81,6 +84,9 @@ def check_options(
     derivative: int = 1,
     workers: object = None,
     process_group: object = None,
+    typical: Any = None,
+    noise: Any = None,
+    bounds: Any = None,
 ) -> Options:
     """Validates the options at run time too: callers need not be type-checked."""
     check_callable(name, func)
@@ -118,6 +124,7 @@ def check_options(
         noise_of(func),
         check_workers(name, workers),
         check_process_group(name, process_group),
+        check_rule(name, typical, noise, bounds, stencil),
     )
 
 
@@ -144,6 +151,8 @@ class Plan:
     """What the structure decided for this signature (e.g. the batch size)."""
     checked_dtypes: dict[float, list[torch.dtype]] = field(default_factory=dict)
     """Output dtypes already checked (per output precision): not checked again."""
+    rule_specs: Any = None
+    """What ``options.rule`` matched to the differentiated leaves (see ``_rule``)."""
     output_eps: list[float] = field(default_factory=lambda: [0.0])
     """The outputs' eps once func turned out to compute coarser than its inputs:
     later calls step for it at once, instead of redoing the first chunk."""
@@ -164,6 +173,10 @@ class Call:
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
     """func and the call's arguments: what a worker needs to rebuild ``at_point``."""
+    noise: float | None = None
+    """func's relative noise as given or estimated for this call (``noise=``)."""
+    misfit: torch.Tensor | None = None
+    """With ``bounds`` and a central stencil: the coordinates without room for it."""
 
 
 PointsFactory = Callable[[list[torch.Tensor]], "tuple[PointSet, Any]"]
@@ -240,6 +253,9 @@ class Planner:
             calls,
             len(primals) > 1 and points.shares_leaves,
             extra,
+            rule_specs=None
+            if options.rule is None
+            else match_rule(name, options.rule, primals, spec),
         )
 
     def _at_point(

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch.utils._pytree import tree_unflatten
 
+from ._bounds import OneSided
 from ._contract import Contraction
 from ._driver import Columns, run_points
 from ._inputs import Argnums, P, wraps
@@ -41,6 +42,9 @@ def hessdiagfd(
     strategy: Strategy = "vmap",
     workers: Workers = None,
     process_group: Any = None,
+    typical: Any = None,
+    noise: float | str | None = None,
+    bounds: Any = None,
 ) -> Callable[P, Any]:
     """The Hessian's diagonal ``d²f/dx_i²`` for every input element, in O(n) evaluations.
 
@@ -63,6 +67,10 @@ def hessdiagfd(
         strategy: As in :func:`jacfd`.
         workers: As in :func:`jacfd`.
         process_group: As in :func:`jacfd`.
+        typical: As in :func:`jacfd`.
+        noise: As in :func:`jacfd`.
+        bounds: As in :func:`jacfd`; near a bound a central stencil is replaced
+            by a one-sided second-difference stencil of the same order (at most 4).
 
     Returns:
         A function returning the second derivatives in :func:`jacfd`'s layout
@@ -90,6 +98,9 @@ def hessdiagfd(
         workers=workers,
         process_group=process_group,
         derivative=2,
+        typical=typical,
+        noise=noise,
+        bounds=bounds,
     )
     return _diagonal_transform(
         func, options, lambda call, columns: Dense().assemble(options, call, columns)
@@ -109,6 +120,9 @@ def laplacianfd(
     strategy: Strategy = "vmap",
     workers: Workers = None,
     process_group: Any = None,
+    typical: Any = None,
+    noise: float | str | None = None,
+    bounds: Any = None,
 ) -> Callable[P, Any]:
     """The Laplacian ``sum_i d²f/dx_i²`` over every differentiated input element.
 
@@ -144,6 +158,9 @@ def laplacianfd(
         workers=workers,
         process_group=process_group,
         derivative=2,
+        typical=typical,
+        noise=noise,
+        bounds=bounds,
     )
     return _diagonal_transform(
         func,
@@ -158,19 +175,26 @@ def _diagonal_transform(
     func: Callable[..., Any], options: Options, finish: Callable[[Call, Columns], Any]
 ) -> Callable[..., Any]:
     stencil = options.stencil
-    offsets = stencil.shifted_offsets
-    contraction = Contraction.of(stencil, offsets)
-    with_center = contraction.needs_center or options.has_aux
-    planner = Planner(
-        func,
-        options,
-        lambda primals: Dense().points(options, primals, offsets, [contraction], with_center),
-    )
+
+    def build(options: Options) -> Planner:
+        offsets = options.stencil.shifted_offsets
+        contraction = Contraction.of(options.stencil, offsets)
+        with_center = contraction.needs_center or options.has_aux
+        return Planner(
+            func,
+            options,
+            lambda primals: Dense().points(options, primals, offsets, [contraction], with_center),
+        )
+
+    planner = build(options)
+    one_sided = OneSided.of(options, build)
 
     @wraps(func)
     def transformed(*args: Any, **kwargs: Any) -> Any:
         call = planner.prepare(args, kwargs)
         columns = run_points(call, options)
+        if one_sided is not None:
+            columns = one_sided.merge(call, columns, args, kwargs)
         result = finish(call, columns)
         return (result, columns.aux) if options.has_aux else result
 
@@ -191,6 +215,9 @@ def hessfd(
     strategy: Strategy = "vmap",
     workers: Workers = None,
     process_group: Any = None,
+    typical: Any = None,
+    noise: float | str | None = None,
+    bounds: Any = None,
 ) -> Callable[P, Any]:
     """The Hessian of ``func`` from second-difference stencils, laid out like
     ``torch.func.hessian``.
@@ -222,6 +249,10 @@ def hessfd(
         strategy: As in :func:`jacfd`.
         workers: As in :func:`jacfd`.
         process_group: As in :func:`jacfd`.
+        typical: As in :func:`jacfd`.
+        noise: As in :func:`jacfd`.
+        bounds: As in :func:`jacfd`; near a bound a central stencil is replaced
+            by a one-sided second-difference stencil of the same order (at most 4).
 
     Returns:
         A function returning the Hessian: each leaf has shape
@@ -251,21 +282,35 @@ def hessfd(
         workers=workers,
         process_group=process_group,
         derivative=2,
+        typical=typical,
+        noise=noise,
+        bounds=bounds,
     )
     second = options.stencil
-    first = get_stencil(scheme, second.accuracy, 1)
 
-    def points(primals: list[Any]) -> tuple[MixedPoints, None]:
-        n = sum(leaf.numel() for leaf in primals)
-        device = primals[0].device
-        return MixedPoints(n, first, second, device, options.chunk_size), None
+    def build(options: Options) -> Planner:
+        second = options.stencil
+        sided = "central" if min(second.offsets) < 0 < max(second.offsets) else "forward"
+        first = get_stencil(scheme if sided == "central" else sided, second.accuracy, 1)
+        if min(second.offsets) < 0 and max(second.offsets) <= 0:
+            first = get_stencil("backward", second.accuracy, 1)
 
-    planner = Planner(func, options, points)
+        def points(primals: list[Any]) -> tuple[MixedPoints, None]:
+            n = sum(leaf.numel() for leaf in primals)
+            device = primals[0].device
+            return MixedPoints(n, first, second, device, options.chunk_size), None
+
+        return Planner(func, options, points)
+
+    planner = build(options)
+    one_sided = OneSided.of(options, build)
 
     @wraps(func)
     def hessian(*args: Any, **kwargs: Any) -> Any:
         call = planner.prepare(args, kwargs)
         columns = run_points(call, options)
+        if one_sided is not None:
+            columns = one_sided.merge(call, columns, args, kwargs, mixed=True)
         plan = call.plan
         result = to_hessian_layout(
             columns.blocks[0], columns.out_spec, plan.shapes, plan.spec, options.single_argnum

@@ -79,15 +79,18 @@ def check_delta(name: str, delta: Delta) -> Delta:
 
 
 def match_delta(
-    name: str, delta: Delta, leaves: list[torch.Tensor], spec: TreeSpec
+    name: str, delta: Delta, leaves: list[torch.Tensor], spec: TreeSpec, option: str = "delta"
 ) -> list[StepSpec]:
-    """One step specification (None, float or tensor) per differentiated leaf."""
+    """One step specification (None, float or tensor) per differentiated leaf.
+
+    ``option`` names the option in error messages (``typical`` and ``bounds``
+    are matched the same way)."""
     if delta is None or isinstance(delta, (int, float)):
         return [delta] * len(leaves)
     if isinstance(delta, torch.Tensor):
         if len(leaves) != 1:
             raise ValueError(
-                f"{name}(func, delta): a single delta tensor is ambiguous for "
+                f"{name}(func, {option}): a single {option} tensor is ambiguous for "
                 f"{len(leaves)} differentiated tensors; pass a pytree of steps with the "
                 "same structure as the differentiated arguments, or a float."
             )
@@ -98,8 +101,8 @@ def match_delta(
         # pytree for the common single-argument case too.
         if delta_spec != spec and tree_flatten((delta,))[1] != spec:
             raise ValueError(
-                f"{name}(func, delta): the structure of delta does not match the "
-                f"differentiated arguments.\n  delta:     {delta_spec}\n  arguments: {spec}"
+                f"{name}(func, {option}): the structure of {option} does not match the "
+                f"differentiated arguments.\n  {option}:     {delta_spec}\n  arguments: {spec}"
             )
     for step, leaf in zip(steps, leaves):
         if isinstance(step, torch.Tensor):
@@ -109,19 +112,25 @@ def match_delta(
                 fits = False
             if not fits:
                 raise ValueError(
-                    f"{name}(func, delta): a delta tensor of shape {tuple(step.shape)} does "
+                    f"{name}(func, {option}): a {option} tensor of shape {tuple(step.shape)} does "
                     f"not broadcast to its argument of shape {tuple(leaf.shape)}."
                 )
     return steps
 
 
 def exact_steps(
-    leaf: torch.Tensor, step: StepSpec, stencil: Stencil, precision: float, name: str = "jacfd"
+    leaf: torch.Tensor,
+    step: StepSpec,
+    stencil: Stencil,
+    precision: float,
+    name: str = "jacfd",
+    typical: StepSpec = None,
 ) -> torch.Tensor:
     """Flat, detached, exactly representable steps for one differentiated leaf.
 
     ``precision`` is the relative accuracy of func's values (the dtype's eps for
-    an ordinary function); the automatic step is ``precision**(1/(p+q))``. A
+    an ordinary function); the automatic step is ``precision**(1/(p+q))`` times
+    ``max(|x|, typical)`` (``typical`` 1 unless given: a float or a tensor). A
     user's step that rounds to zero (``x + h == x``) is refused, naming ``name``.
 
     The steps are constants for autograd: ``grad`` through jacfd then equals the
@@ -129,7 +138,12 @@ def exact_steps(
     """
     x = leaf.detach().reshape(-1)
     if step is None:
-        h = x.abs().clamp_min_(1.0).mul_(stencil.relative_step(precision))
+        if typical is None or isinstance(typical, (int, float)):
+            scale = 1.0 if typical is None else float(typical)
+            h = x.abs().clamp_min_(scale).mul_(stencil.relative_step(precision))
+        else:  # per-element typical magnitudes
+            size = typical.detach().to(x).expand(leaf.shape).reshape(-1)
+            h = torch.maximum(x.abs(), size).mul_(stencil.relative_step(precision))
     elif isinstance(step, torch.Tensor):
         h = step.detach().to(x).expand(leaf.shape).reshape(-1)
     else:

@@ -1,0 +1,213 @@
+"""typical=, noise= and bounds= (issue 15): steps that fit the function."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.integrate import solve_ivp
+from scipy.optimize._numdiff import approx_derivative
+
+from jacfd import (
+    estimate_noise,
+    hessdiagfd,
+    hessfd,
+    jacfd,
+    jacfd_with_error,
+    jvpfd,
+    laplacianfd,
+)
+
+F64 = torch.float64
+
+
+# --- typical: inputs of every scale -------------------------------------------------------
+
+T = torch.linspace(0, 2e5, 50, dtype=F64)
+B = torch.tensor([1e-5, 1e3], dtype=F64)
+
+
+def decay(b: torch.Tensor) -> torch.Tensor:
+    return b[1] * torch.exp(-b[0] * T)
+
+
+def column_errors(jac: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    return (jac - ref).abs().amax(0) / ref.abs().amax(0)
+
+
+@pytest.mark.parametrize("kw", [{}, {"order": 4}, {"scheme": "forward"}])
+def test_typical_fixes_tiny_parameter(kw: dict[str, object]) -> None:
+    ref = torch.func.jacrev(decay)(B)
+    default = column_errors(jacfd(decay, **kw)(B), ref)  # type: ignore[arg-type]
+    scaled = column_errors(jacfd(decay, typical=B.abs(), **kw)(B), ref)  # type: ignore[arg-type]
+    assert default[0] > 1e-3  # the step of 6e-6 (central) is 60% of b0
+    bound = 1e-7 if kw.get("scheme") == "forward" else 1e-9
+    assert scaled.max() < bound
+    # A float typical applies to every element (here the large b1 keeps |x|).
+    assert column_errors(jacfd(decay, typical=1e-5)(B), ref).max() < 1e-9
+
+
+def test_with_error_sees_tiny_parameter() -> None:
+    ref = torch.func.jacrev(decay)(B)
+    for typical in (None, B.abs()):
+        J, err = jacfd_with_error(decay, typical=typical)(B)
+        assert bool(((J - ref).abs() <= err).all())
+
+
+def test_typical_pytree_and_errors() -> None:
+    f = lambda p: p["a"] * torch.exp(-p["k"] * T)  # noqa: E731
+    p = {"a": torch.tensor(1e3, dtype=F64), "k": torch.tensor(1e-5, dtype=F64)}
+    ref = torch.func.jacrev(f)(p)
+    J = jacfd(f, typical={"a": 1.0, "k": torch.tensor(1e-5, dtype=F64)})(p)
+    torch.testing.assert_close(J["k"], ref["k"], rtol=1e-8, atol=0)
+    with pytest.raises(ValueError, match=r"jacfd\(func, typical=-1.0\)"):
+        jacfd(decay, typical=-1.0)
+    with pytest.raises(ValueError, match="structure of typical"):
+        jacfd(f, typical={"a": 1.0})(p)
+
+
+# --- noise ---------------------------------------------------------------------------------
+
+
+def hash_noise(x: torch.Tensor, level: float) -> torch.Tensor:
+    """Deterministic relative noise of standard deviation ``level``: a hash of x's bits."""
+    h = x.view(torch.int64) * 6364136223846793005 + 1442695040888963407
+    h = h ^ (h >> 29)
+    u = (h & 0xFFFFFF).to(F64) / 0xFFFFFF - 0.5
+    return u * math.sqrt(12) * level
+
+
+def test_noise_hash_function() -> None:
+    level = 1e-8
+    f = lambda x: torch.exp(x) * (1 + hash_noise(x, level))  # noqa: E731
+    x = torch.linspace(-1, 1, 6, dtype=F64)
+    estimate = estimate_noise(f)(x)
+    assert level / 3 < estimate < 3 * level
+    ref = torch.diag(torch.exp(x))
+    default = (jacfd(f)(x) - ref).abs().max() / ref.abs().max()
+    sized = (jacfd(f, noise=level)(x) - ref).abs().max() / ref.abs().max()
+    estimated = (jacfd(f, noise="estimate")(x) - ref).abs().max() / ref.abs().max()
+    assert default > 3e-4  # steps sized for eps: the noise is divided by 6e-6
+    assert sized < 1e-5 and estimated < 1e-5  # ~ level**(2/3)
+    J, err = jacfd_with_error(f, noise=level)(x)
+    assert bool(((J - ref).abs() <= err).all())
+
+
+def test_noise_float32_model_behind_casts() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4), torch.nn.Tanh()
+    )
+    ref = torch.func.jacrev(copy.deepcopy(net).double())(x := torch.randn(8, dtype=F64)).detach()
+    f = lambda x: net(x.float()).double()  # noqa: E731
+    error = lambda jac: float((jac - ref).abs().max() / ref.abs().max())  # noqa: E731
+    assert error(jacfd(f)(x)) > 1e-2
+    assert error(jacfd(f, noise=6e-8)(x)) < 5e-4
+    assert error(jacfd(f, noise="estimate")(x)) < 5e-4
+    assert 1e-8 < estimate_noise(f)(x) < 3e-7
+
+
+def test_noise_solve_ivp() -> None:
+    def exact(p: torch.Tensor) -> torch.Tensor:
+        a, b = p[0], p[1]
+        return torch.stack(
+            [
+                torch.exp(-2 * a) + b / (a - b) * (torch.exp(-2 * b) - torch.exp(-2 * a)),
+                torch.exp(-2 * b),
+            ]
+        )
+
+    p = torch.tensor([0.7, 0.3], dtype=F64)
+    ref = torch.func.jacrev(exact)(p)
+    for rtol in (1e-6, 1e-9):
+
+        def simulate(q: torch.Tensor, rtol: float = rtol) -> torch.Tensor:
+            a, b = q.tolist()
+            sol = solve_ivp(
+                lambda t, y: [-a * y[0] + b * y[1], -b * y[1]],
+                (0, 2),
+                [1.0, 1.0],
+                rtol=rtol,
+                atol=1e-12,
+            )
+            return torch.tensor(sol.y[:, -1])
+
+        for noise in (rtol, "estimate"):
+            J = jacfd(simulate, strategy="loop", noise=noise)(p)
+            # The accuracy the noise allows, ~ rtol**(2/3) at worst.
+            assert float((J - ref).abs().max() / ref.abs().max()) < 3 * rtol ** (2 / 3)
+
+
+def test_noise_errors() -> None:
+    with pytest.raises(ValueError, match="noise must be None, a float"):
+        jacfd(torch.sin, noise="guess")
+    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
+        hessfd(torch.sin, noise=2.0)
+    with pytest.raises(TypeError, match="unknown option"):
+        estimate_noise(torch.sin, delta=1.0)
+
+
+# --- bounds --------------------------------------------------------------------------------
+
+X = torch.tensor([0.0, 1e-7, 1e-3, 0.5, 2.0], dtype=F64)
+
+
+def half_line(x: torch.Tensor) -> torch.Tensor:
+    if bool((x < 0).any()):
+        raise AssertionError("evaluated outside the bounds")
+    return torch.log1p(x) + torch.sqrt(x + 0.1) * x.sum()
+
+
+@pytest.mark.parametrize("kw", [{}, {"scheme": "forward"}, {"scheme": "backward"}])
+def test_bounds_like_scipy(kw: dict[str, object]) -> None:
+    ref = torch.func.jacrev(half_line)(X)
+    J = jacfd(half_line, bounds=(0.0, math.inf), strategy="loop", **kw)(X)  # type: ignore[arg-type]
+    method = "2-point" if "scheme" in kw else "3-point"
+    scipy = approx_derivative(
+        lambda z: half_line(torch.tensor(z)).numpy(), X.numpy(), method=method, bounds=(0, np.inf)
+    )
+    ours, theirs = column_errors(J, ref), column_errors(torch.tensor(scipy), ref)
+    assert bool((ours <= 3 * theirs + 1e-9).all()), (ours, theirs)
+
+
+def test_bounds_at_the_bound_every_transform() -> None:
+    upper = torch.full_like(X, 3.0)
+    bounds = (0.0, upper)
+    g = lambda x: (half_line(x) * x.flip(0)).sum()  # noqa: E731
+    H = torch.func.hessian(g)(X)
+    scale = H.abs().max()
+    J, err = jacfd_with_error(half_line, bounds=bounds, strategy="loop")(X)
+    assert bool(((J - torch.func.jacrev(half_line)(X)).abs() <= err).all())
+    # sqrt(x + 0.1) curves on a scale of 0.1 at the bound: one-sided second
+    # differences at h ~ eps**(1/(p+2)) keep ~(h / 0.1)**p of it.
+    for order, tol in ((2, 1e-5), (4, 1e-5)):
+        Hf = hessfd(g, bounds=bounds, order=order, strategy="loop")(X)
+        assert float((Hf - H).abs().max() / scale) < tol
+        d = hessdiagfd(g, bounds=bounds, order=order, strategy="loop")(X)
+        assert float((d - H.diagonal()).abs().max() / scale) < tol
+        lap = laplacianfd(g, bounds=bounds, order=order, strategy="loop")(X)
+        assert abs(float(lap - H.diagonal().sum())) / float(scale) < tol
+    ref = torch.func.jacrev(half_line)(X)
+    for sign in (1.0, -1.0):
+        v = sign * torch.ones_like(X)
+        _, t = jvpfd(half_line, (X,), (v,), bounds=bounds, strategy="loop")
+        assert float((t - ref @ v).abs().max() / (ref @ v).abs().max()) < 1e-6
+
+
+def test_bounds_errors() -> None:
+    with pytest.raises(ValueError, match="outside its bounds"):
+        jacfd(torch.log, bounds=(0.0, 1.0))(torch.tensor([0.5, 2.0], dtype=F64))
+    with pytest.raises(TypeError, match="must be a pair"):
+        jacfd(torch.log, bounds=0.0)
+    with pytest.raises(ValueError, match="exceeds the upper"):
+        jacfd(torch.log, bounds=(1.0, 0.0))
+
+
+def test_no_rule_changes_nothing() -> None:
+    x = torch.linspace(0.1, 2, 5, dtype=F64)
+    free = jacfd(torch.log)(x)
+    assert torch.equal(jacfd(torch.log, bounds=(-math.inf, math.inf))(x), free)
+    assert torch.equal(jacfd(torch.log, noise=0.0)(x), free)
