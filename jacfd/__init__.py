@@ -17,7 +17,7 @@ from ._src._gradcheck_report import (
     GradCheckPair,
     GradCheckReport,
 )
-from ._src._jacfd import jacfd, jacfd_with_error
+from ._src._jacfd import jacfd
 from ._src._jvp import jvpfd
 from ._src._noise import estimate_noise
 from ._src._patterns import (
@@ -29,6 +29,7 @@ from ._src._patterns import (
 )
 from ._src._second import hessdiagfd, hessfd, laplacianfd
 from ._src._strategy import Batched
+from ._src._with_error import jacfd_with_error
 
 __all__ = [
     "Batched",

@@ -21,10 +21,10 @@ from torch.utils._pytree import (
     tree_unflatten,
 )
 
-from ._jacfd import jacfd_with_error
 from ._stencil import Scheme
 from ._steps import mark_noise, noise_of
 from ._strategy import StrategyOption as Strategy
+from ._with_error import jacfd_with_error
 
 Mode = Literal["reverse", "forward"]
 

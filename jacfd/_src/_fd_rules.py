@@ -16,8 +16,9 @@ from typing import Any, NoReturn
 import torch
 from torch.utils._pytree import TreeSpec
 
-from ._jacfd import jacfd, vector_jacobian
+from ._jacfd import jacfd
 from ._jvp import jvpfd
+from ._vector_jacobian import vector_jacobian
 
 NAME = "differentiable(func, ...)"
 _JVP_OPTIONS = (
