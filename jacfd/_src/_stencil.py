@@ -27,8 +27,8 @@ ORDERS: dict[str, tuple[int, ...]] = {
 class Stencil:
     """Offsets (multiples of the step) and exact weights of one stencil.
 
-    The float views (``center_weight``, ``shifted_*``) are derived once here, so
-    that no rational arithmetic runs inside a traced or compiled call.
+    The float views (``shifted_offsets``, ``step_constant``) are derived once here,
+    so that no rational arithmetic runs inside a traced or compiled call.
     """
 
     offsets: tuple[int, ...]
@@ -37,11 +37,8 @@ class Stencil:
     accuracy: int
     imaginary: bool = False
     """Complex step: the points are ``x + i o h`` and the imaginary part is used."""
-    center_weight: float = field(init=False)
-    """Weight of ``f(x)`` itself; zero for central first differences."""
     shifted_offsets: tuple[int, ...] = field(init=False)
     """The non-zero offsets with a non-zero weight: one evaluation each."""
-    shifted_weights: tuple[float, ...] = field(init=False)
     step_constant: float = field(init=False)
     """``c`` in the automatic step ``h = c * eps**step_exponent * max(1, |x|)``.
 
@@ -53,11 +50,8 @@ class Stencil:
     """
 
     def __post_init__(self) -> None:
-        pairs = [(o, w) for o, w in zip(self.offsets, self.weights) if o != 0 and w != 0]
-        center = sum((w for o, w in zip(self.offsets, self.weights) if o == 0), Fraction(0))
-        object.__setattr__(self, "center_weight", float(center))
-        object.__setattr__(self, "shifted_offsets", tuple(o for o, _ in pairs))
-        object.__setattr__(self, "shifted_weights", tuple(float(w) for _, w in pairs))
+        shifted = tuple(o for o, w in zip(self.offsets, self.weights) if o != 0 and w != 0)
+        object.__setattr__(self, "shifted_offsets", shifted)
         object.__setattr__(self, "step_constant", self._step_constant())
 
     def _step_constant(self) -> float:
