@@ -9,6 +9,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
     import torch  # noqa: F401
 
+from ._src._adaptive import AdaptiveInfo, jacfd_adaptive
 from ._src._differentiable import differentiable
 from ._src._gradcheck import check_grad
 from ._src._gradcheck_report import (
@@ -32,6 +33,7 @@ from ._src._strategy import Batched
 from ._src._with_error import jacfd_with_error
 
 __all__ = [
+    "AdaptiveInfo",
     "Batched",
     "GradCheckEntry",
     "GradCheckError",
@@ -48,6 +50,7 @@ __all__ = [
     "hessdiagfd",
     "hessfd",
     "jacfd",
+    "jacfd_adaptive",
     "jacfd_with_error",
     "jvpfd",
     "laplacianfd",
