@@ -29,6 +29,7 @@ from ._src._patterns import (
     diagonal_pattern,
 )
 from ._src._second import hessdiagfd, hessfd, laplacianfd
+from ._src._second_error import hessfd_with_error
 from ._src._strategy import Batched
 from ._src._with_error import jacfd_with_error
 
@@ -49,6 +50,7 @@ __all__ = [
     "estimate_noise",
     "hessdiagfd",
     "hessfd",
+    "hessfd_with_error",
     "jacfd",
     "jacfd_adaptive",
     "jacfd_with_error",
