@@ -9,6 +9,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
     import torch  # noqa: F401
 
+from ._src._adaptive import AdaptiveInfo, jacfd_adaptive
 from ._src._differentiable import differentiable
 from ._src._gradcheck import check_grad
 from ._src._gradcheck_report import (
@@ -28,10 +29,12 @@ from ._src._patterns import (
     diagonal_pattern,
 )
 from ._src._second import hessdiagfd, hessfd, laplacianfd
+from ._src._second_error import hessfd_with_error
 from ._src._strategy import Batched
 from ._src._with_error import jacfd_with_error
 
 __all__ = [
+    "AdaptiveInfo",
     "Batched",
     "GradCheckEntry",
     "GradCheckError",
@@ -47,7 +50,9 @@ __all__ = [
     "estimate_noise",
     "hessdiagfd",
     "hessfd",
+    "hessfd_with_error",
     "jacfd",
+    "jacfd_adaptive",
     "jacfd_with_error",
     "jvpfd",
     "laplacianfd",
