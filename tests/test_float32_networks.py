@@ -28,6 +28,7 @@ SEEDS = (0, 1, 2)
 # Documented upper bounds for smooth float32 networks (tanh, GELU, sigmoid).
 CENTRAL_BOUND = 3e-3  # default options; measured 9e-5 to 9e-4
 ORDER4_BOUND = 6e-4  # order=4; measured 2e-5 to 2e-4
+ORDER4_LARGER_BOUND = 2e-4  # order=4, typical=3; measured 1e-5 to 6e-5 (goal of issue 15: 1e-4)
 FORWARD_BOUND = 3e-2  # scheme="forward"; measured 1e-3 to 1e-2
 COMPLEX_BOUND = 1.2e-6  # complex step, analytic networks (tanh MLP); measured 2e-7 to 4e-7
 CASTS_TRAP_ABOVE = 1e-2  # float32 model behind float64 casts; measured 8e-2 to 2e-1
@@ -79,8 +80,13 @@ def rel_error(jac: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("name", NETWORKS)
 @pytest.mark.parametrize(
     ("options", "bound"),
-    [({}, CENTRAL_BOUND), ({"order": 4}, ORDER4_BOUND), ({"scheme": "forward"}, FORWARD_BOUND)],
-    ids=["central", "order4", "forward"],
+    [
+        ({}, CENTRAL_BOUND),
+        ({"order": 4}, ORDER4_BOUND),
+        ({"order": 4, "typical": 3.0}, ORDER4_LARGER_BOUND),
+        ({"scheme": "forward"}, FORWARD_BOUND),
+    ],
+    ids=["central", "order4", "order4-typical3", "forward"],
 )
 def test_smooth_network_within_documented_bound(
     name: str, seed: int, options: dict[str, object], bound: float

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from scipy.integrate import solve_ivp
+from scipy.optimize import least_squares
 from scipy.optimize._numdiff import approx_derivative
 
 from jacfd import (
@@ -55,6 +59,53 @@ def test_with_error_sees_tiny_parameter() -> None:
     for typical in (None, B.abs()):
         J, err = jacfd_with_error(decay, typical=typical)(B)
         assert bool(((J - ref).abs() <= err).all())
+
+
+# Hahn1 from NIST's StRD (docs/scripts/nist_strd.json): a cubic/cubic rational model
+# whose parameters span 1.2e-7 (b7, multiplying x**3 with x up to 900) to 1.
+NIST = json.loads((Path(__file__).parents[1] / "docs/scripts/nist_strd.json").read_text())
+
+
+def hahn1() -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor, list[float]]:
+    data = NIST["Hahn1"]
+    x = torch.tensor([float(v) for v in data["x"][0].split()], dtype=F64)
+    y = torch.tensor([float(v) for v in data["y"].split()], dtype=F64)
+
+    def residual(b: torch.Tensor) -> torch.Tensor:
+        num = b[0] + b[1] * x + b[2] * x**2 + b[3] * x**3
+        return num / (1 + b[4] * x + b[5] * x**2 + b[6] * x**3) - y
+
+    certified = torch.tensor([float(c) for c in data["certified"]], dtype=F64)
+    return residual, certified, data["start1"]
+
+
+def test_default_step_on_nist_hahn1_and_typical() -> None:
+    """The default step stays max(1, |x|) (docs/choosing.md, "Inputs of every scale"):
+    on Hahn1 its b7 column is wrong, a relative step fixes it and the solve. If the
+    default changes, this test fails: update the tables there."""
+    residual, certified, start = hahn1()
+    ref = torch.func.jacrev(residual)(certified)
+    assert column_errors(jacfd(residual)(certified), ref)[6] > 0.1
+    good = column_errors(jacfd(residual, typical=certified.abs())(certified), ref)
+    assert good.max() < 1e-7
+
+    def digits(jac: Callable[[torch.Tensor], torch.Tensor]) -> float:
+        result = least_squares(
+            lambda b: residual(torch.from_numpy(b)).numpy(),
+            np.array(start),
+            jac=lambda b: jac(torch.from_numpy(b.copy())).numpy(),
+            method="lm",
+            ftol=1e-15,
+            xtol=1e-15,
+            gtol=1e-15,
+        )
+        err = np.abs(result.x - certified.numpy()) / np.abs(certified.numpy())
+        return float(-np.log10(err.max()))
+
+    relative = lambda b: b.abs().clamp_min(1e-300)  # noqa: E731
+    assert digits(lambda b: jacfd(residual, typical=relative(b))(b)) > 6
+    assert digits(torch.func.jacrev(residual)) > 6
+    assert digits(jacfd(residual)) < 4
 
 
 def test_typical_pytree_and_errors() -> None:

@@ -11,7 +11,10 @@ Measures, for a zoo of float32 networks in eval mode whose parameters require gr
    ``max|J_fd - J_ref| / max|J_ref|``, over a few seeds (median and max);
 2. a float32 model called behind float64 casts, ``lambda x: model(x.float()).double()``
    with x float64, and the fixes;
-3. the time of a classifier's input Jacobian (10 outputs, 3x32x32 = 3072 inputs) with
+3. the step: central with the step scale ``max(|x|, typical)`` for ``typical`` 1 (the
+   default), 2 and 4 (steps 2x and 4x the default for ``|x| <= 1``), ``order=4`` and
+   ``order=4, typical=3`` (issue 15: would a larger default step hold across them?);
+4. the time of a classifier's input Jacobian (10 outputs, 3x32x32 = 3072 inputs) with
    ``jacfd`` and with ``jacrev`` / ``vmap(jacrev)``.
 
 Prints markdown tables; ``--write`` also puts them into ``docs/accuracy.md`` between
@@ -223,6 +226,66 @@ def measure_casts(seeds: range) -> str:
     return f"jacfd gave {warned} warning(s) in the trap.\n\n" + "\n".join(lines)
 
 
+# (label, jacfd options) of the step table
+STEPS: dict[str, dict[str, object]] = {
+    "central (default)": {},
+    "`typical=2`": {"typical": 2.0},
+    "`typical=4`": {"typical": 4.0},
+    "`order=4`": {"order": 4},
+    "`order=4, typical=3`": {"order": 4, "typical": 3.0},
+    # smaller floors of the step scale, as candidate defaults (issue 15, item 5)
+    "`typical=0.1`": {"typical": 0.1},
+    "`typical=0.01`": {"typical": 0.01},
+    "relative, `typical=|x|`": {"typical": "relative"},
+}
+
+
+def step_options(options: dict[str, object], x: torch.Tensor) -> dict[str, object]:
+    if options.get("typical") == "relative":  # |x|, and 1 where x = 0
+        return {**options, "typical": torch.where(x == 0, 1.0, x.abs())}
+    return options
+
+
+def measure_steps(seeds: range) -> str:
+    """Median (max) error over the seeds, per network and step rule."""
+    lines = [
+        "| network | " + " | ".join(STEPS) + " |",
+        "|---|" + "---:|" * len(STEPS),
+    ]
+    for name in NETWORKS:
+        errors: dict[str, list[float]] = {label: [] for label in STEPS}
+        for seed in seeds:
+            f32, f64, x, _ = build(name, seed)
+            ref = jacrev(f64)(x.double()).detach()
+            for label, options in STEPS.items():
+                jac = jacfd(f32, **step_options(options, x))(x)  # type: ignore[arg-type]
+                errors[label].append(rel_error(jac, ref))
+        cells = [f"{statistics.median(v):.0e} ({max(v):.0e})" for v in errors.values()]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    kinks = [
+        "| ReLU network, 20 seeds | default: median, seeds > 1e-3 | `typical=2`: median, "
+        "seeds > 1e-3 |",
+        "|---|---:|---:|",
+    ]
+    for name in ("ReLU MLP 16-64-64-8", "ReLU + max-pool conv, 3x8x8 -> 10"):
+        cells = []
+        for options in ({}, {"typical": 2.0}):
+            errs = []
+            for seed in range(20):
+                f32, f64, x, _ = build(name, seed)
+                ref = jacrev(f64)(x.double()).detach()
+                errs.append(rel_error(jacfd(f32, **options)(x), ref))  # type: ignore[arg-type]
+            cells.append(f"{statistics.median(errs):.0e}, {sum(e > 1e-3 for e in errs)}")
+        kinks.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", *kinks]
+    return (
+        f"Median (max) over {len(seeds)} seeds of `max|J_fd - J_ref| / max|J_ref|`; the "
+        "inputs are `randn`, so `typical=k` makes the step k times the default for "
+        "`|x| <= 1`, and `typical=f` < 1 is a smaller floor of the step scale (candidate "
+        "defaults for inputs of tiny size).\n\n" + "\n".join(lines)
+    )
+
+
 def timed(fn: Callable[[], object], runs: int) -> float:
     fn()  # warm-up
     times = []
@@ -299,6 +362,7 @@ def main() -> None:
     rows = [measure_network(name, seeds) for name in NETWORKS]
     sections = [
         "#### Errors on float32 networks\n\n" + network_table(rows, len(seeds)),
+        "#### A larger step, or order 4\n\n" + measure_steps(seeds),
         "#### A float32 model behind float64 casts\n\n" + measure_casts(seeds),
         "#### A classifier's input Jacobian: jacfd against jacrev\n\n"
         + measure_classifier(runs=3 if args.quick else 5, batch=4),
