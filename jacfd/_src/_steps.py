@@ -168,7 +168,8 @@ def check_moves(name: str, leaf: torch.Tensor, exact: torch.Tensor, h: torch.Ten
     """
     if torch.compiler.is_compiling():
         return
-    stuck = (exact == 0) & torch.isfinite(leaf.detach().reshape(-1))
+    # (x + h) - x is NaN, not 0, where x is not finite: no mask needed for those.
+    stuck = exact == 0
     try:
         if not bool(stuck.any()):
             return
