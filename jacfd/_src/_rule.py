@@ -26,7 +26,7 @@ import torch
 from torch.utils._pytree import TreeSpec, tree_flatten
 
 from ._stencil import Stencil
-from ._steps import Delta, StepSpec, exact_steps, match_delta
+from ._steps import Delta, StepSpec, check_positive_tree, exact_steps, match_delta
 
 if TYPE_CHECKING:
     from ._plan import Call, Options
@@ -58,7 +58,12 @@ def check_rule(
     if typical is None and noise is None and bounds is None:
         return None
     if typical is not None:
-        _check_positive(name, "typical", typical)
+        check_positive_tree(
+            name,
+            "typical",
+            typical,
+            "typical is the size of an input that is typical for func, e.g. typical=1e-5.",
+        )
     if noise is not None:
         if isinstance(noise, str):
             if noise != "estimate":
@@ -82,40 +87,6 @@ def check_rule(
     if bounds is not None:
         bounds = _check_bounds(name, bounds)
     return StepRule(typical, noise, bounds)
-
-
-def _check_positive(name: str, option: str, value: Any) -> None:
-    leaves, _ = tree_flatten(value)
-    if not leaves:
-        raise TypeError(
-            f"{name}(func, {option}): expected a positive float, a tensor or a pytree of "
-            f"them matching the differentiated arguments, got {value!r}."
-        )
-    for leaf in leaves:
-        if isinstance(leaf, torch.Tensor):
-            if not leaf.dtype.is_floating_point:
-                raise TypeError(
-                    f"{name}(func, {option}): a {option} tensor must be floating point, got "
-                    f"dtype {leaf.dtype}."
-                )
-            bad = ~(torch.isfinite(leaf) & (leaf > 0))
-            if bool(bad.any()):
-                raise ValueError(
-                    f"{name}(func, {option}): every {option} value must be finite and "
-                    f"positive (the size of an input that is typical for func), got "
-                    f"{leaf[bad].flatten()[:3].tolist()}."
-                )
-        elif isinstance(leaf, (int, float)) and not isinstance(leaf, bool):
-            if not (math.isfinite(leaf) and leaf > 0):
-                raise ValueError(
-                    f"{name}(func, {option}={leaf!r}): {option} must be finite and positive "
-                    "(the size of an input that is typical for func, e.g. 1e-5)."
-                )
-        else:
-            raise TypeError(
-                f"{name}(func, {option}): expected a positive float, a tensor or a pytree "
-                f"of them, got a {type(leaf).__name__}."
-            )
 
 
 def _check_bounds(name: str, bounds: Any) -> tuple[Any, Any]:

@@ -41,41 +41,46 @@ def noise_of(func: Callable[..., Any]) -> float:
 
 def check_delta(name: str, delta: Delta) -> Delta:
     """Validates a user's ``delta`` once, when the transform is built."""
-    if delta is None:
-        return None
-    leaves, _ = tree_flatten(delta)
-    if not leaves:
-        raise TypeError(
-            f"{name}(func, delta): delta must be None, a positive float, a tensor, or a "
-            f"pytree of them matching the differentiated arguments, got {delta!r}."
+    if delta is not None:
+        check_positive_tree(
+            name, "delta", delta, "Use delta=None for the automatic step, or e.g. delta=1e-6."
         )
+    return delta
+
+
+def check_positive_tree(name: str, option: str, value: Any, fix: str) -> None:
+    """``value`` must be a positive float, a floating tensor of positive finite values,
+    or a pytree of them (``delta``, ``typical``): else a TypeError or ValueError
+    naming ``name(func, option)``, ending with ``fix``."""
+    expected = (
+        f"{option} must be None, a positive float, a tensor, or a pytree of them matching "
+        "the differentiated arguments"
+    )
+    leaves, _ = tree_flatten(value)
+    if not leaves:
+        raise TypeError(f"{name}(func, {option}): {expected}, got {value!r}. {fix}")
     for leaf in leaves:
         if isinstance(leaf, torch.Tensor):
             if not leaf.dtype.is_floating_point:
                 raise TypeError(
-                    f"{name}(func, delta): a delta tensor must be floating point, got "
-                    f"dtype {leaf.dtype}. Pass e.g. torch.full_like(x, 1e-6)."
+                    f"{name}(func, {option}): a {option} tensor must be floating point, got "
+                    f"dtype {leaf.dtype}. {fix}"
                 )
             bad = ~(torch.isfinite(leaf) & (leaf > 0))
             if bool(bad.any()):
                 raise ValueError(
-                    f"{name}(func, delta): every step in a delta tensor must be finite and "
-                    f"positive, got {leaf[bad].flatten()[:3].tolist()}. Use delta=None for "
-                    "the automatic step."
+                    f"{name}(func, {option}): every value of a {option} tensor must be finite "
+                    f"and positive, got {leaf[bad].flatten()[:3].tolist()}. {fix}"
                 )
         elif isinstance(leaf, (int, float)) and not isinstance(leaf, bool):
             if not (math.isfinite(leaf) and leaf > 0):
                 raise ValueError(
-                    f"{name}(func, delta): delta must be finite and positive, got {leaf!r}. "
-                    "Use delta=None for the automatic step, or e.g. delta=1e-6."
+                    f"{name}(func, {option}={leaf!r}): {option} must be finite and positive. {fix}"
                 )
         else:
             raise TypeError(
-                f"{name}(func, delta): delta must be None, a positive float, a tensor, or a "
-                f"pytree of them matching the differentiated arguments, got a "
-                f"{type(leaf).__name__}."
+                f"{name}(func, {option}): {expected}, got a {type(leaf).__name__}. {fix}"
             )
-    return delta
 
 
 def match_delta(
