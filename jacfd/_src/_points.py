@@ -105,6 +105,10 @@ class PointSet:
         ]
 
 
+SMALL_BATCH = 4096
+"""Batches up to this many elements are built from a planned pattern of offsets."""
+
+
 class AxisPoints(PointSet):
     """``x + o h_j e_j`` for the stencil's offsets and every coordinate ``j``."""
 
@@ -124,6 +128,7 @@ class AxisPoints(PointSet):
         self.chunks = plan_chunks(sizes, len(offsets), with_center, chunk_size)
         self._moves: dict[Chunk, list[tuple[int, int, int, list[tuple[int, int, int]]] | None]]
         self._moves = {}
+        self._patterns: dict[tuple[Chunk, int], torch.Tensor] = {}
 
     def rows(self, chunk: Chunk) -> int:
         return int(chunk.with_center) + len(self.offsets) * chunk.count
@@ -136,10 +141,12 @@ class AxisPoints(PointSet):
         moves = self._moves.get(chunk)
         if moves is None:
             moves = self._moves[chunk] = self._plan_moves(chunk, [p.numel() for p in primals])
+            if not self.imaginary:
+                self._plan_patterns(chunk, moves, primals)
         rows = self.rows(chunk)
         leaves: list[torch.Tensor] = []
         in_dims: list[int | None] = []
-        for leaf, h, move in zip(primals, steps, moves):
+        for index, (leaf, h, move) in enumerate(zip(primals, steps, moves)):
             if move is None:
                 # The complex step makes every differentiated leaf complex.
                 leaves.append(
@@ -149,6 +156,14 @@ class AxisPoints(PointSet):
                 continue
             numel, lo, hi, diagonals = move
             base = leaf.reshape(1, numel)
+            pattern = self._patterns.get((chunk, index))
+            if pattern is not None and pattern.dtype == h.dtype and pattern.device == h.device:
+                # Small batches: x + (offset pattern) * h in one kernel, the same values
+                # as the copy and the strided adds below.
+                batch = torch.addcmul(base, pattern, h)
+                leaves.append(batch.view(rows, *leaf.shape) if leaf.dim() != 1 else batch)
+                in_dims.append(0)
+                continue
             if self.imaginary:
                 base = torch.complex(base, torch.zeros_like(base))
             batch = base.expand(rows, numel).clone(memory_format=torch.contiguous_format)
@@ -162,6 +177,25 @@ class AxisPoints(PointSet):
             leaves.append(batch.view(rows, *leaf.shape) if leaf.dim() != 1 else batch)
             in_dims.append(0)
         return leaves, in_dims
+
+    def _plan_patterns(
+        self,
+        chunk: Chunk,
+        moves: list[tuple[int, int, int, list[tuple[int, int, int]]] | None],
+        primals: list[torch.Tensor],
+    ) -> None:
+        """For batches of at most ``SMALL_BATCH`` elements, the dense ``(rows, numel)``
+        pattern of offsets, so that ``build`` is one ``addcmul``: a few kernels fewer
+        on the tiny calls where their dispatch is most of the cost."""
+        rows = self.rows(chunk)
+        for index, (leaf, move) in enumerate(zip(primals, moves)):
+            if move is None or rows * move[0] > SMALL_BATCH:
+                continue
+            numel, _, _, diagonals = move
+            pattern = torch.zeros(rows * numel, dtype=leaf.dtype, device=leaf.device)
+            for start, stop, offset in diagonals:
+                pattern[start : stop : numel + 1] = offset
+            self._patterns[(chunk, index)] = pattern.view(rows, numel)
 
     def _plan_moves(
         self, chunk: Chunk, numels: list[int]
