@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.func import grad, hessian, jacrev, jvp, vmap
 
-from jacfd import estimate_noise, hessdiagfd, jacfd, jvpfd
+from jacfd import estimate_noise, hessdiagfd, jacfd, jacfd_adaptive, jvpfd
 
 F64 = torch.float64
 EPS = torch.finfo(F64).eps
@@ -156,6 +156,13 @@ def test_noise_estimate_under_vmap(transform: str, bounds: Any) -> None:
     assert not torch.equal(
         expected, torch.stack([ESTIMATED[transform](bounds=bounds)(x) for x in X])
     )
+
+
+def test_noise_estimate_under_vmap_adaptive() -> None:
+    fd = jacfd_adaptive(float32_inside, noise="estimate")
+    batched, per_sample = vmap(fd)(X), [fd(x) for x in X]
+    for i in range(2):  # the Jacobian and its error estimate
+        assert_equal_to_rounding(batched[i], torch.stack([r[i] for r in per_sample]))
 
 
 def test_noise_estimate_under_grad_matches_float_level() -> None:
