@@ -288,7 +288,10 @@ def _second_round(
     steps (its output precision and estimated noise, not measured again)."""
     if options.rule is not None and options.rule.noise == "estimate":
         options = dataclasses.replace(
-            options, rule=dataclasses.replace(options.rule, noise=call.noise or 0.0)
+            options,
+            rule=dataclasses.replace(
+                options.rule, noise=0.0 if call.noise is None else call.noise
+            ),
         )
     n = sum(p.numel() for p in call.primals)
     colors = torch.full((n,), -1, dtype=torch.long, device=todo.device)
@@ -311,11 +314,18 @@ class _Fine:
         self.out_shapes = [b.shape[1:] for b in blocks]
         # The rounding of one evaluation, relative: the coarser of input and output,
         # or func's noise where it is larger.
-        self.eps = max(
+        eps = max(
             *(torch.finfo(p.dtype).eps for p in call.primals),
             *(torch.finfo(b.dtype).eps for b in blocks if b.dtype.is_floating_point),
             call.plan.output_eps[0],
-            call.noise or 0.0,
+        )
+        noise = call.noise  # (a tensor per sample when estimated under vmap)
+        self.eps: float | torch.Tensor = (
+            eps
+            if noise is None
+            else noise.clamp_min(eps)
+            if isinstance(noise, torch.Tensor)
+            else max(eps, noise)
         )
         self.d, self.a = self._blocks(round_, columns, self.unit)
         self.jacobian: list[torch.Tensor] = []

@@ -237,6 +237,8 @@ def jvpfd(
         )
     stencil = options.stencil
     s0 = torch.zeros((), dtype=dtype, device=flat_primals[0].device)
+    if options.rule is not None:  # under vmap the steps may depend on the sample: so does s0
+        s0 = torch.zeros_like(scale).to(dtype)
 
     def build(options: Options) -> Planner:
         offsets = options.stencil.shifted_offsets

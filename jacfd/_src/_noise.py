@@ -17,7 +17,7 @@ random state is untouched.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch.utils._pytree import tree_flatten
@@ -72,9 +72,11 @@ def relative_level(values: torch.Tensor) -> torch.Tensor:
 
 
 def _direction(primals: list[torch.Tensor], typical: list[Any]) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(SEED)
     n = sum(p.numel() for p in primals)
-    u = torch.rand(n, generator=generator, dtype=torch.float64) * 2 - 1
+    # The direction is a constant: drawn outside any vmap or grad around the call.
+    with torch._C._DisableFuncTorch():
+        generator = torch.Generator().manual_seed(SEED)
+        u = torch.rand(n, generator=generator, dtype=torch.float64) * 2 - 1
     u = u / u.norm().clamp_min(1e-300)
     parts = torch.split(u, [p.numel() for p in primals])
     out = []
@@ -99,10 +101,18 @@ def _outputs(values: Any, has_aux: bool) -> torch.Tensor:
     return torch.cat(real, 1) if len(real) > 1 else real[0]
 
 
-def estimate_for_call(call: Call, options: Options) -> float:
-    """func's relative noise at the call's point, from ``POINTS`` evaluations."""
+def estimate_for_call(call: Call, options: Options) -> float | torch.Tensor:
+    """func's relative noise at the call's point, from ``POINTS`` evaluations: a
+    float, or under ``vmap`` a 0-dim float64 tensor: each sample's own level."""
     from ._bounds import flat_bound
 
+    if torch.compiler.is_compiling():
+        raise ValueError(
+            f"{options.name}(func, noise='estimate') does not compile: the estimate's "
+            "seeded random direction needs a torch.Generator, which torch.compile cannot "
+            "trace. Pass a float noise level instead, measured outside the compiled "
+            "function, e.g. noise=jacfd.estimate_noise(func)(x)."
+        )
     specs = call.plan.rule_specs
     steps = _direction(call.primals, specs.typical)
     leaves = []
@@ -128,7 +138,11 @@ def estimate_for_call(call: Call, options: Options) -> float:
         options.randomness,
         options.name,
     )
-    return float(relative_level(_outputs(values, options.has_aux)))
+    level = relative_level(_outputs(values, options.has_aux))
+    try:
+        return float(level)
+    except RuntimeError:  # under vmap: each sample's own level, kept a tensor
+        return level
 
 
 def estimate_noise(
@@ -152,7 +166,7 @@ def estimate_noise(
 
     Returns:
         A function taking ``func``'s arguments and returning the relative noise
-            as a Python float.
+            as a Python float (under ``vmap``, each sample's as a 0-dim tensor).
 
     Examples:
         >>> import torch
@@ -204,6 +218,8 @@ def estimate_noise(
             from ._bounds import check_inside
 
             check_inside("estimate_noise", call.primals, call.plan.rule_specs)
-        return estimate_for_call(call, checked)
+        level = estimate_for_call(call, checked)
+        # (Under vmap, each sample's level as a 0-dim tensor.)
+        return level if isinstance(level, float) else cast(float, level)
 
     return estimate

@@ -173,7 +173,7 @@ class Call:
     args: tuple[Any, ...] = ()
     kwargs: dict[str, Any] = field(default_factory=dict)
     """func and the call's arguments: what a worker needs to rebuild ``at_point``."""
-    noise: float | None = None
+    noise: float | torch.Tensor | None = None
     """func's relative noise as given or estimated for this call (``noise=``)."""
     misfit: torch.Tensor | None = None
     """With ``bounds`` and a central stencil: the coordinates without room for it."""

@@ -26,7 +26,14 @@ import torch
 from torch.utils._pytree import TreeSpec, tree_flatten
 
 from ._stencil import Stencil
-from ._steps import Delta, StepSpec, check_positive_tree, exact_steps, match_delta
+from ._steps import (
+    Delta,
+    StepSpec,
+    any_readable,
+    check_positive_tree,
+    exact_steps,
+    match_delta,
+)
 
 if TYPE_CHECKING:
     from ._plan import Call, Options
@@ -37,8 +44,9 @@ class StepRule:
     """A transform's validated ``typical``, ``noise`` and ``bounds``."""
 
     typical: Delta
-    noise: float | str | None
-    """None, a relative noise level >= 0, or ``"estimate"``."""
+    noise: float | str | torch.Tensor | None
+    """None, a relative noise level >= 0, or ``"estimate"`` (a tensor only where a
+    one-sided pass reuses a level estimated under vmap or torch.compile)."""
     bounds: tuple[Any, Any] | None
 
 
@@ -102,7 +110,7 @@ def _check_bounds(name: str, bounds: Any) -> tuple[Any, Any]:
             raise TypeError(f"{name}(func, bounds): the {side} bound holds no value: {value!r}.")
         for leaf in leaves:
             if isinstance(leaf, torch.Tensor):
-                if not leaf.dtype.is_floating_point or bool(leaf.isnan().any()):
+                if not leaf.dtype.is_floating_point or any_readable(leaf.isnan()):
                     raise ValueError(
                         f"{name}(func, bounds): a {side} bound tensor must be floating point "
                         "without NaN (use -inf/inf for no bound)."
@@ -164,20 +172,24 @@ def rule_steps(call: Call, options: Options, output_eps: float) -> list[torch.Te
         from ._bounds import check_inside
 
         check_inside(options.name, call.primals, specs)
-    level = 0.0
-    if rule.noise == "estimate":
+    level: float | torch.Tensor = 0.0
+    if isinstance(rule.noise, str):  # "estimate"
         from ._noise import estimate_for_call
 
         level = estimate_for_call(call, options)
         call.noise = level
-    elif isinstance(rule.noise, float):
+    elif rule.noise is not None:  # a float, or a level estimated by the central pass
         level = call.noise = rule.noise
     steps, misfits = [], []
     for k, (leaf, spec, precision) in enumerate(zip(call.primals, plan.step_specs, precisions)):
-        # Noise above the dtype's rounding is what the steps must balance instead.
-        h = exact_steps(
-            leaf, spec, options.stencil, max(precision, level), options.name, specs.typical[k]
+        # Noise above the dtype's rounding is what the steps must balance instead
+        # (an estimate under vmap or torch.compile is a tensor: a level per sample).
+        balanced = (
+            level.clamp_min(precision)
+            if isinstance(level, torch.Tensor)
+            else max(precision, level)
         )
+        h = exact_steps(leaf, spec, options.stencil, balanced, options.name, specs.typical[k])
         if rule.bounds is not None and not plan.points.imaginary:
             reach = reach_of(plan.points)
             if reach[0] == -reach[1]:  # central: its misfits get a one-sided pass

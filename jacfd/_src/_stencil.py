@@ -11,7 +11,10 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Literal, TypeAlias
+from typing import TYPE_CHECKING, Literal, TypeAlias, overload
+
+if TYPE_CHECKING:
+    import torch
 
 Scheme: TypeAlias = Literal["forward", "backward", "central", "complex"]
 SCHEMES: tuple[str, ...] = ("forward", "backward", "central", "complex")
@@ -76,11 +79,15 @@ class Stencil:
         """
         return 1.0 if self.imaginary else 1.0 / (self.accuracy + self.derivative)
 
-    def relative_step(self, precision: float) -> float:
+    @overload
+    def relative_step(self, precision: float) -> float: ...
+    @overload
+    def relative_step(self, precision: torch.Tensor) -> torch.Tensor: ...
+    def relative_step(self, precision: float | torch.Tensor) -> float | torch.Tensor:
         """The automatic step relative to ``max(1, |x|)``, for values accurate to
-        ``precision`` (the dtype's eps for an ordinary function)."""
-        step: float = self.step_constant * precision**self.step_exponent
-        return step
+        ``precision`` (the dtype's eps for an ordinary function; a tensor for a
+        noise level estimated under vmap or torch.compile)."""
+        return self.step_constant * precision**self.step_exponent
 
     @property
     def accuracy_exponent(self) -> float:

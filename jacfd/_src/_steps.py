@@ -48,6 +48,17 @@ def check_delta(name: str, delta: Delta) -> Delta:
     return delta
 
 
+def any_readable(mask: torch.Tensor) -> bool:
+    """``bool(mask.any())`` where the values can be read; False under
+    ``torch.compile`` or ``vmap`` (a check on them is then skipped)."""
+    if torch.compiler.is_compiling():
+        return False
+    try:
+        return bool(mask.any())
+    except RuntimeError:  # under vmap: data-dependent control flow is not allowed
+        return False
+
+
 def check_positive_tree(name: str, option: str, value: Any, fix: str) -> None:
     """``value`` must be a positive float, a floating tensor of positive finite values,
     or a pytree of them (``delta``, ``typical``): else a TypeError or ValueError
@@ -67,7 +78,7 @@ def check_positive_tree(name: str, option: str, value: Any, fix: str) -> None:
                     f"dtype {leaf.dtype}. {fix}"
                 )
             bad = ~(torch.isfinite(leaf) & (leaf > 0))
-            if bool(bad.any()):
+            if any_readable(bad):
                 raise ValueError(
                     f"{name}(func, {option}): every value of a {option} tensor must be finite "
                     f"and positive, got {leaf[bad].flatten()[:3].tolist()}. {fix}"
@@ -127,7 +138,7 @@ def exact_steps(
     leaf: torch.Tensor,
     step: StepSpec,
     stencil: Stencil,
-    precision: float,
+    precision: float | torch.Tensor,
     name: str = "jacfd",
     typical: StepSpec = None,
 ) -> torch.Tensor:
@@ -145,10 +156,10 @@ def exact_steps(
     if step is None:
         if typical is None or isinstance(typical, (int, float)):
             scale = 1.0 if typical is None else float(typical)
-            h = x.abs().clamp_min_(scale).mul_(stencil.relative_step(precision))
+            h = x.abs().clamp_min_(scale) * stencil.relative_step(precision)
         else:  # per-element typical magnitudes
             size = typical.detach().to(x).expand(leaf.shape).reshape(-1)
-            h = torch.maximum(x.abs(), size).mul_(stencil.relative_step(precision))
+            h = torch.maximum(x.abs(), size) * stencil.relative_step(precision)
     elif isinstance(step, torch.Tensor):
         h = step.detach().to(x).expand(leaf.shape).reshape(-1)
     else:
