@@ -304,3 +304,20 @@ def test_dropout_with_common_random_numbers(scheme: str) -> None:
     # Every chunk saw the same mask, and the arithmetic is elementwise: identical.
     assert torch.equal(results[2], results[None])
     assert torch.equal(results[1], results[None])
+
+
+def _smooth(x: torch.Tensor) -> torch.Tensor:
+    return torch.sin(x) * x.sum()
+
+
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+def test_jvpfd_compiles_fullgraph(fresh_dynamo: None) -> None:
+    """jvpfd builds its planner per call: inside torch.compile that must create no lock
+    (Dynamo cannot trace one); the plan caches share one lock made at import."""
+    from jacfd import jvpfd
+
+    x, v = torch.rand(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    compiled = torch.compile(
+        lambda x, v: jvpfd(_smooth, (x,), (v,))[1], fullgraph=True, backend="aot_eager"
+    )
+    torch.testing.assert_close(compiled(x, v), jvpfd(_smooth, (x,), (v,))[1])

@@ -36,6 +36,11 @@ from ._steps import Delta, StepSpec, check_delta, match_delta, noise_of
 from ._strategy import Strategy, resolve_strategy
 from ._workers import Workers, check_process_group, check_workers
 
+_PLANS_LOCK = threading.Lock()
+"""Guards every plan cache's insertions (rare: once per new signature). One lock for
+all transforms, made at import: a transform built inside torch.compile (jvpfd builds
+one per call) then creates no lock, which Dynamo cannot trace."""
+
 PLAN_CACHE_SIZE = 32
 """Plans kept per transform: one per call signature seen, the oldest dropped."""
 
@@ -191,7 +196,6 @@ class Planner:
         self.func, self.options, self.make_points = func, options, points
         self._plans: dict[Any, Plan] = {}
         self._argnums: dict[int, tuple[int, ...] | None] = {}
-        self._lock = threading.Lock()
         self.modules = modules_of(func)
 
     def prepare(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
@@ -221,7 +225,7 @@ class Planner:
             cached = self._plans.get(key)
             if cached is None:
                 plan = self._plan(args, primals)
-                with self._lock:
+                with _PLANS_LOCK:
                     if len(self._plans) >= PLAN_CACHE_SIZE:
                         self._plans.pop(next(iter(self._plans)))
                     self._plans[key] = plan
