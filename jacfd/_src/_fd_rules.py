@@ -169,15 +169,9 @@ def _no_second_derivative() -> NoReturn:
     )
 
 
-class _Vjp(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        call: _Call, wrt: tuple[int, ...], n: int, *xs_cts: Any
-    ) -> tuple[torch.Tensor, ...]:
-        # Detached: the finite differences are not differentiated again (by
-        # autograd through func's torch ops); the backward below says so instead.
-        xs_cts = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in xs_cts)
-        return tuple(_vjp(call, wrt, xs_cts[:n], xs_cts[n:]))
+class _Terminal(torch.autograd.Function):
+    """A Function whose own derivatives are not taken: finite-difference rules
+    (``_Vjp``, ``_Jvp``) and the reattachment (``_Stop``) share this."""
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
@@ -190,6 +184,17 @@ class _Vjp(torch.autograd.Function):
     @staticmethod
     def jvp(ctx: Any, *grad_inputs: Any) -> Any:
         _no_second_derivative()
+
+
+class _Vjp(_Terminal):
+    @staticmethod
+    def forward(
+        call: _Call, wrt: tuple[int, ...], n: int, *xs_cts: Any
+    ) -> tuple[torch.Tensor, ...]:
+        # Detached: the finite differences are not differentiated again (by
+        # autograd through func's torch ops); the backward below says so instead.
+        xs_cts = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in xs_cts)
+        return tuple(_vjp(call, wrt, xs_cts[:n], xs_cts[n:]))
 
     @staticmethod
     def vmap(
@@ -211,7 +216,7 @@ class _Vjp(torch.autograd.Function):
         return out, (0,) * len(out)
 
 
-class _Stop(torch.autograd.Function):
+class _Stop(_Terminal):
     """Finite-difference results made inside a vmap rule, from detached inputs:
     the inputs are attached again only so that differentiating the results raises
     (instead of silently giving zero)."""
@@ -222,36 +227,12 @@ class _Stop(torch.autograd.Function):
     def forward(n_out: int, *outs_inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(o.clone() for o in outs_inputs[:n_out])
 
-    @staticmethod
-    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        pass
 
-    @staticmethod
-    def backward(ctx: Any, *grad_outputs: Any) -> Any:
-        _no_second_derivative()
-
-    @staticmethod
-    def jvp(ctx: Any, *grad_inputs: Any) -> Any:
-        _no_second_derivative()
-
-
-class _Jvp(torch.autograd.Function):
+class _Jvp(_Terminal):
     @staticmethod
     def forward(call: _Call, n: int, *xs_ts: Any) -> tuple[torch.Tensor, ...]:
         xs_ts = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in xs_ts)
         return _jvp(call, xs_ts[:n], xs_ts[n:])
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
-        pass
-
-    @staticmethod
-    def backward(ctx: Any, *grad_outputs: Any) -> Any:
-        _no_second_derivative()
-
-    @staticmethod
-    def jvp(ctx: Any, *grad_inputs: Any) -> Any:
-        _no_second_derivative()
 
     @staticmethod
     def vmap(info: Any, in_dims: Any, call: _Call, n: int, *xs_ts: Any) -> Any:

@@ -10,6 +10,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from ._autograd_reference import _CheckedCall
+from ._inputs import check_kwargs
 from ._steps import Delta, match_delta
 
 
@@ -30,13 +31,7 @@ def _check_arguments(
         raise TypeError(f"{name}(func, mode): mode must be 'reverse' or 'forward', got {mode!r}.")
     if mode not in ("reverse", "forward"):
         raise ValueError(f"{name}(func, mode={mode!r}): mode must be 'reverse' or 'forward'.")
-    if kwargs is None:
-        kwargs = {}
-    elif not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
-        raise TypeError(
-            f"{name}(func, kwargs): expected None or a mapping from argument names (str) to "
-            f"values, got {kwargs!r}."
-        )
+    kwargs = check_kwargs(f"{name}(func, kwargs)", kwargs)
     for label, value in (("safety", safety), ("rtol", rtol), ("atol", atol)):
         if value is None and label == "atol":
             continue

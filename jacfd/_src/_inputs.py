@@ -7,7 +7,7 @@ or ``ValueError`` with a message that says how to fix the call.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ParamSpec, TypeAlias, TypeVar, cast
 
 import torch
@@ -66,6 +66,19 @@ def normalize_argnums(name: str, argnums: Argnums, num_args: int) -> tuple[int, 
             f"more than once for a call with {num_args} positional inputs."
         )
     return tuple(wrapped)
+
+
+def check_kwargs(where: str, kwargs: object) -> dict[str, Any]:
+    """``kwargs=`` of the checkers (``check_grad``, ``check_sparsity``): None or a
+    mapping of argument names to values; returned as a new dict."""
+    if kwargs is None:
+        return {}
+    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+        raise TypeError(
+            f"{where}: expected None or a mapping of names (str) to values, got {kwargs!r}. "
+            "Pass kwargs={'name': value}."
+        )
+    return dict(kwargs)
 
 
 def check_primals(name: str, leaves: list[Any], argnums: tuple[int, ...]) -> None:

@@ -16,6 +16,7 @@ import torch
 from torch.utils._pytree import tree_flatten
 
 from ._coloring import pattern_nonzeros
+from ._inputs import check_kwargs
 from ._jacfd import jacfd
 
 if TYPE_CHECKING:  # type aliases only: the public signature is jacfd's
@@ -245,14 +246,7 @@ def check_sparsity(
     if not callable(func):
         raise TypeError(f"{_WHERE}: func must be callable, got {type(func).__name__}.")
     m, n, rows, cols = pattern_nonzeros(sparsity, "check_sparsity(func, sparsity)")
-    if kwargs is None:
-        kwargs = {}
-    elif not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
-        raise TypeError(
-            f"check_sparsity(func, sparsity, kwargs): expected a mapping of names to "
-            f"values, or None, got {kwargs!r}. Pass kwargs={{'name': value}}."
-        )
-    call_kwargs = dict(kwargs)
+    call_kwargs = check_kwargs("check_sparsity(func, sparsity, kwargs)", kwargs)
 
     flat_outputs = _FlatOutputs(func, call_kwargs)
 
