@@ -44,6 +44,19 @@ def test_a_delta_that_does_not_move_x_names_the_fix_and_spares_nan_elements() ->
     assert J[0, 0].isnan() and J[1, 1] == pytest.approx(torch.cos(torch.tensor(1.0)), rel=1e-3)
 
 
+@pytest.mark.parametrize("scheme", ["forward", "backward", "central", "complex"])
+@pytest.mark.parametrize("option", ["delta", "typical"])
+def test_step_tensors_of_the_caller_are_never_written(scheme: str, option: str) -> None:
+    """The steps are computed in place where jacfd owns the buffer, never in the
+    caller's ``delta`` or ``typical`` tensor (same dtype: no copy is made for it)."""
+    x = torch.tensor([0.5, -2.0, 3.0], dtype=F64)
+    given = torch.tensor([1e-4, 2e-4, 3e-4], dtype=F64)
+    kept = given.clone()
+    J = jacfd(torch.exp, scheme=scheme, **{option: given})(x)
+    assert torch.equal(given, kept)
+    assert torch.allclose(J, torch.diag(torch.exp(x)), rtol=1e-3)
+
+
 def test_a_delta_that_moves_no_element_along_the_tangent_is_refused() -> None:
     x = torch.tensor([1e10, 2e10], dtype=F64)
     with pytest.raises(ValueError, match=r"^jvpfd\(.*delta=1e-08\).*moves no element"):

@@ -156,18 +156,24 @@ def exact_steps(
     if step is None:
         if typical is None or isinstance(typical, (int, float)):
             scale = 1.0 if typical is None else float(typical)
-            h = x.abs().clamp_min_(scale) * stencil.relative_step(precision)
+            h = x.abs().clamp_min_(scale).mul_(stencil.relative_step(precision))
         else:  # per-element typical magnitudes
             size = typical.detach().to(x).expand(leaf.shape).reshape(-1)
-            h = torch.maximum(x.abs(), size) * stencil.relative_step(precision)
+            h = torch.maximum(x.abs(), size).mul_(stencil.relative_step(precision))
     elif isinstance(step, torch.Tensor):
         h = step.detach().to(x).expand(leaf.shape).reshape(-1)
+    elif not stencil.imaginary:  # a float: no tensor of steps to make
+        exact = torch.add(x, float(step)) if stencil.leading_direction > 0 else x - float(step)
+        exact = exact.sub_(x) if stencil.leading_direction > 0 else exact.neg_().add_(x)
+        check_moves(name, leaf, exact, float(step))
+        return exact
     else:
         h = torch.full_like(x, float(step))
     if stencil.imaginary:  # x + ih is exact: the step is the imaginary part itself
         return h
     if stencil.leading_direction > 0:
-        exact = torch.add(x, h).sub_(x)
+        # (x + h) - x; a step of jacfd's own making is reused in place, never the user's
+        exact = (torch.add(x, h) if step is not None else h.add_(x)).sub_(x)
     else:
         exact = torch.sub(x, h).neg_().add_(x)  # x - (x - h), exactly
     if step is not None:  # the automatic step is never below max(1, |x|) * eps
@@ -175,7 +181,9 @@ def exact_steps(
     return exact
 
 
-def check_moves(name: str, leaf: torch.Tensor, exact: torch.Tensor, h: torch.Tensor) -> None:
+def check_moves(
+    name: str, leaf: torch.Tensor, exact: torch.Tensor, h: torch.Tensor | float
+) -> None:
     """Refuses a user's step that does not move some finite element of ``leaf``.
 
     Such a step is zero once rounded, and its difference quotient 0/0: the whole
@@ -185,19 +193,19 @@ def check_moves(name: str, leaf: torch.Tensor, exact: torch.Tensor, h: torch.Ten
     if torch.compiler.is_compiling():
         return
     # (x + h) - x is NaN, not 0, where x is not finite: no mask needed for those.
-    stuck = exact == 0
     try:
-        if not bool(stuck.any()):
+        if bool(exact.all()):  # one kernel: every step is nonzero (NaN counts as moved)
             return
     except RuntimeError:  # under vmap: data-dependent control flow is not allowed
         return
-    flat = int(torch.nonzero(stuck)[0, 0])
+    flat = int(torch.nonzero(exact == 0)[0, 0])
     index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), leaf.shape))
     value = float(leaf.detach().reshape(-1)[flat])
     raise ValueError(
-        f"{name}(func, delta): the step {float(h[flat]):.3g} does not move the element "
-        f"{index} = {value:.6g} of a differentiated {leaf.dtype} tensor of shape "
-        f"{tuple(leaf.shape)}: x + h == x after rounding, so its derivative would be 0/0. "
+        f"{name}(func, delta): the step {float(h if isinstance(h, float) else h[flat]):.3g} "
+        f"does not move the element {index} = {value:.6g} of a differentiated {leaf.dtype} "
+        f"tensor of shape {tuple(leaf.shape)}: x + h == x after rounding, so its "
+        "derivative would be 0/0. "
         f"Use a larger delta (at least about |x| * {torch.finfo(leaf.dtype).eps:.1e}), "
         "or delta=None for the automatic step."
     )
