@@ -19,6 +19,7 @@ from torch.func import vmap
 
 from jacfd import jacfd
 
+from ._floor import ForwardFloor
 from ._jacrevfinite import JacrevFinite
 from ._timing import Timing, measure_alternating, table
 
@@ -84,7 +85,9 @@ def mlp_rows(dtype: torch.dtype, quick: bool) -> list[Row]:
         "central": torch.randn(2 * n, n, dtype=dtype),
     }
     batched_model = vmap(model)
-    fns: dict[str, Callable[[], object]] = {}
+    floor = ForwardFloor(model, x, None)
+    check_floor(f"MLP, {dtype}", floor(x), jacfd(model, scheme="forward")(x))
+    fns: dict[str, Callable[[], object]] = {"floor": lambda: floor(x)}
     for scheme, stacked in points.items():
         fns[f"f ({scheme} batch)"] = lambda stacked=stacked: model(stacked)
         fns[f"vmap(f) ({scheme} batch)"] = lambda stacked=stacked: batched_model(stacked)
@@ -105,6 +108,19 @@ def mlp_rows(dtype: torch.dtype, quick: bool) -> list[Row]:
                 f"f on the stacked batch {shape}",
                 timings[f"f ({scheme} batch)"],
                 2.5 if forward else None,
+            ),
+            *(
+                [
+                    Row(
+                        case,
+                        "minimal eager pipeline (bench/_floor.py)",
+                        timings["floor"],
+                        f"f on the stacked batch {shape}",
+                        timings[f"f ({scheme} batch)"],
+                    )
+                ]
+                if forward
+                else []
             ),
             Row(
                 case,
@@ -145,8 +161,13 @@ def predecessor_rows(quick: bool) -> list[Row]:
         batched = jacfd(f, argnum, delta=delta, scheme="forward", strategy="batched")
         vmapped = jacfd(f, argnum, delta=delta, scheme="forward")
         check_agreement(case, f, args, delta, baseline(*args), [batched(*args), vmapped(*args)])
+        floor = ForwardFloor(
+            lambda t: f(*args[:argnum], t, *args[argnum + 1 :]), args[argnum], delta
+        )
+        check_floor(case, floor(args[argnum]), batched(*args))
         timings = measure_alternating(
             {
+                "floor": lambda: floor(args[argnum]),
                 "JacrevFinite": lambda: baseline(*args),
                 "batched": lambda: batched(*args),
                 "vmap": lambda: vmapped(*args),
@@ -160,7 +181,23 @@ def predecessor_rows(quick: bool) -> list[Row]:
             rows.append(
                 Row(case, label, timings[name], "JacrevFinite", timings["JacrevFinite"], target)
             )
+        rows.append(
+            Row(
+                case,
+                "minimal eager pipeline (bench/_floor.py)",
+                timings["floor"],
+                "JacrevFinite",
+                timings["JacrevFinite"],
+            )
+        )
     return rows
+
+
+def check_floor(case: str, floor: torch.Tensor, jacobian: torch.Tensor) -> None:
+    """The floor does jacfd's arithmetic: the same Jacobian, bit for bit."""
+    if not torch.equal(floor, jacobian.detach()):
+        error = (floor - jacobian.detach()).abs().max().item()
+        raise RuntimeError(f"{case}: the minimal pipeline and jacfd differ by {error:.1e}")
 
 
 def check_agreement(

@@ -111,8 +111,7 @@ def _run(
         # tensors safe from a func that writes into its arguments.
         primals = [p.clone() for p in primals]
         versions = [p._version for p in primals]
-    devices = [leaf.device for leaf in primals]
-    rng = rng_for(options.randomness, options.strategy.watches_rng, plan.calls, devices)
+    rng = rng_for(options.randomness, options.strategy.watches_rng, plan.calls, primals)
     parts: list[Blocks] = []
     center: list[torch.Tensor] | None = None
     aux: Any = None

@@ -221,7 +221,8 @@ class AxisPoints(PointSet):
         return moves
 
     def direction_steps(self, chunk: Chunk, steps: torch.Tensor) -> torch.Tensor | None:
-        return steps[chunk.start : chunk.stop]
+        whole = chunk.start == 0 and chunk.stop == steps.shape[0]
+        return steps if whole else steps[chunk.start : chunk.stop]  # (a slice is a kernel)
 
     def reduce(
         self,

@@ -39,9 +39,9 @@ class RandomState:
 
     def __init__(self, devices: Sequence[torch.device]) -> None:
         self.cuda_indices = sorted({d.index or 0 for d in devices if d.type == "cuda"})
-        self.start = self._read()
-        self.starts: dict[torch.device, torch.Tensor] = {_CPU: self.start[0]}
-        for index, state in zip(self.cuda_indices, self.start[1:]):
+        start = self._read()
+        self.starts: dict[torch.device, torch.Tensor] = {_CPU: start[0]}
+        for index, state in zip(self.cuda_indices, start[1:]):
             self.starts[torch.device("cuda", index)] = state
         self.end: dict[torch.device, torch.Tensor] | None = None
         self.advanced = False
@@ -51,10 +51,6 @@ class RandomState:
         if not self.cuda_indices:
             return [cpu]
         return [cpu] + [torch.cuda.get_rng_state(i) for i in self.cuda_indices]
-
-    def changed(self) -> bool:
-        now = self._read()
-        return not all(_same_state(a, b) for a, b in zip(now, self.start))
 
     @contextmanager
     def replay(self, where: str) -> Iterator[None]:
@@ -71,7 +67,6 @@ class RandomState:
         state = cls.__new__(cls)
         state.cuda_indices = sorted(d.index or 0 for d in starts if d.type == "cuda")
         state.starts = dict(starts)
-        state.start = list(starts.values())
         state.end = None
         state.advanced = True
         return state
@@ -213,12 +208,38 @@ def replaying(rng: RandomState | None, where: str) -> AbstractContextManager[Non
 
 
 def rng_for(
-    randomness: Randomness, watches: bool, calls: int, devices: Sequence[torch.device]
-) -> RandomState | None:
-    """The state to replay (``"same"`` over several calls) or to watch (a strategy
-    that cannot detect random ops under ``"error"``), if any."""
+    randomness: Randomness, watches: bool, calls: int, leaves: Sequence[torch.Tensor]
+) -> RandomState | GeneratorWatch | None:
+    """The state to replay (``"same"`` over several calls) or the watch (a strategy
+    that cannot detect random ops under ``"error"``), if any, for func evaluated
+    on ``leaves``."""
     if randomness == "same" and calls > 1:
-        return RandomState(devices)
+        return RandomState([leaf.device for leaf in leaves])
     if randomness == "error" and watches and not torch.compiler.is_compiling():
-        return RandomState(devices)
+        return GeneratorWatch(leaves)
     return None
+
+
+class GeneratorWatch:
+    """Tells whether the process-wide generators moved since it was made: the
+    default ``randomness="error"`` reads them around every real-batch or loop
+    evaluation, so this is kept to two reads of their bytes."""
+
+    __slots__ = ("cuda_indices", "start")
+
+    def __init__(self, leaves: Sequence[torch.Tensor]) -> None:
+        cuda = [leaf for leaf in leaves if leaf.is_cuda]
+        self.cuda_indices = sorted({leaf.device.index or 0 for leaf in cuda}) if cuda else ()
+        self.start = self._snapshot()
+
+    def _snapshot(self) -> bytes:
+        # get_state() returns fresh, contiguous CPU byte tensors: their bytes, as they are.
+        state = torch.default_generator.get_state()
+        snapshot = ctypes.string_at(state.data_ptr(), state.nbytes)
+        for index in self.cuda_indices:
+            state = torch.cuda.get_rng_state(index)
+            snapshot += ctypes.string_at(state.data_ptr(), state.nbytes)
+        return snapshot
+
+    def changed(self) -> bool:
+        return self._snapshot() != self.start

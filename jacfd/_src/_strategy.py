@@ -22,7 +22,14 @@ from typing import Any, ClassVar, Literal, TypeAlias
 import torch
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from ._random import RANDOM_HINT, Randomness, RandomState, draws_random_numbers, replaying
+from ._random import (
+    RANDOM_HINT,
+    GeneratorWatch,
+    Randomness,
+    RandomState,
+    draws_random_numbers,
+    replaying,
+)
 
 _vmap_impl: Callable[..., Any] | None
 try:
@@ -370,7 +377,7 @@ def evaluate(
     in_dims: Sequence[int | None],
     rows: int,
     chunk_size: int | None,
-    rng: RandomState | None,
+    rng: RandomState | GeneratorWatch | None,
     randomness: Randomness,
     where: str,
 ) -> Any:
@@ -381,7 +388,7 @@ def evaluate(
     before every call (common random numbers) or watched (``randomness="error"``
     outside vmap).
     """
-    replay = rng if randomness == "same" else None
+    replay = rng if isinstance(rng, RandomState) else None
     if chunk_size is None or rows <= chunk_size:
         pieces = [strategy.run(fn, leaves, in_dims, rows, where, replay)]
     else:
@@ -390,7 +397,7 @@ def evaluate(
             stop = min(start + chunk_size, rows)
             part = [x[start:stop] if d is not None else x for x, d in zip(leaves, in_dims)]
             pieces.append(strategy.run(fn, part, in_dims, stop - start, where, replay))
-    if rng is not None and randomness == "error" and rng.changed():
+    if isinstance(rng, GeneratorWatch) and rng.changed():
         # The generator moved: by func, or by another thread? Only func's own
         # draws are an error; a thread-local watch on one point tells them apart.
         point = [x[:1] if d is not None else x for x, d in zip(leaves, in_dims)]

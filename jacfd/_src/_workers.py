@@ -27,7 +27,7 @@ import torch
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.utils._pytree import tree_flatten, tree_map, tree_map_only
 
-from ._random import Randomness, RandomState, rng_for
+from ._random import GeneratorWatch, Randomness, RandomState, rng_for
 from ._strategy import Loop, Strategy, evaluate
 
 if TYPE_CHECKING:
@@ -160,11 +160,11 @@ def run_task(task: Task) -> Result:
             calls[0] += 1
             return at_point(*leaves, **kwargs)
 
+        rng: RandomState | GeneratorWatch | None
         if job.starts is not None:
-            rng: RandomState | None = RandomState.replaying_from(job.starts)
+            rng = RandomState.replaying_from(job.starts)
         else:
-            devices = [leaf.device for leaf in task.leaves]
-            rng = rng_for(job.randomness, job.strategy.watches_rng, job.calls, devices)
+            rng = rng_for(job.randomness, job.strategy.watches_rng, job.calls, task.leaves)
         outputs = evaluate(
             job.strategy, counted, task.leaves, task.in_dims, rows, None, rng, job.randomness,
             job.name,
@@ -179,7 +179,7 @@ def run_task(task: Task) -> Result:
             error=str(error),
             worker_traceback=traceback.format_exc(),
         )
-    end = rng.end if rng is not None and job.starts is not None else None
+    end = rng.end if isinstance(rng, RandomState) and job.starts is not None else None
     return Result(task.index, task.start, outputs, end)
 
 
@@ -285,7 +285,7 @@ def evaluate_in_parallel(
     options: Options,
     primals: list[torch.Tensor],
     steps: list[torch.Tensor],
-    rng: RandomState | None,
+    rng: RandomState | GeneratorWatch | None,
 ) -> list[Any] | None:
     """Every chunk's outputs, from the workers and ranks; None to evaluate here."""
     if options.workers is None and options.process_group is None:
@@ -306,7 +306,7 @@ def evaluate_in_parallel(
     world = _distributed.world_size(group)
     starts = None
     if options.randomness == "same":
-        state = rng if rng is not None else RandomState([p.device for p in primals])
+        state = rng if isinstance(rng, RandomState) else RandomState([p.device for p in primals])
         starts = _distributed.common_starts(group, state.starts, primals)
         rng = state
     rows_per_task = options.chunk_size or max(
@@ -364,7 +364,7 @@ def evaluate_in_parallel(
         if result.error_type:
             _raise_failure(options, points, result)
     results = _distributed.gather(group, results, primals)
-    if rng is not None and options.randomness == "same":
+    if isinstance(rng, RandomState) and options.randomness == "same":
         for result in results:
             if result.end is not None:
                 rng.record_end(result.end, name)
