@@ -74,6 +74,9 @@ class PointSet:
     imaginary: bool = False
     shares_leaves: bool = False
     """Whether some chunk passes an unperturbed differentiated leaf as it is."""
+    reach: tuple[int, int] | None = None
+    """The lowest and highest multiple of a step that ``bounds`` must leave room
+    for, if more than the point set's own offsets (``jacfd_adaptive``'s rounds)."""
 
     def rows(self, chunk: Chunk) -> int:
         raise NotImplementedError
