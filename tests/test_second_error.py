@@ -78,25 +78,28 @@ def test_estimate_bounds_the_error_analytic() -> None:
 
 
 @pytest.mark.parametrize(
-    ("scheme", "part", "points"),
+    ("scheme", "order", "part", "points"),
     [
-        ("central", "full", 4 * 3**2 + 1),  # 2 n**2 + 1 at h, the same at 2h, one centre
-        ("central", "diagonal", 4 * 3 + 1),
-        ("central", "laplacian", 4 * 3 + 1),
-        ("forward", "full", (3 + 1) ** 2),  # offsets 1, 2, 4 per axis, (1, 1), (2, 2) per pair
-        ("forward", "diagonal", 3 * 3 + 1),
+        ("central", 2, "full", 4 * 3**2 + 1),  # 2 n**2 + 1 at h, the same at 2h, one centre
+        ("central", 2, "diagonal", 4 * 3 + 1),
+        ("central", 2, "laplacian", 4 * 3 + 1),
+        ("central", 4, "full", 1 + 6 * 3 + 28 * 3),  # offsets 2h and (2h, 2h) shared
+        ("forward", 1, "full", (3 + 1) ** 2),  # offsets 1, 2, 4 per axis, (1, 1), (2, 2) per pair
+        ("forward", 1, "diagonal", 3 * 3 + 1),
     ],
 )
-def test_one_evaluation(scheme: str, part: str, points: int) -> None:
+def test_one_evaluation(scheme: str, order: int, part: str, points: int) -> None:
     """One call of func (one vmap) for the points at h and 2h, f(x) among them; the
-    points one by one with chunk_size=1 (before: two transforms and a call of f,
-    2 (2 n**2 + 1) + 1 = 39 points in three calls for the central Hessian)."""
+    points one by one with chunk_size=1. (Two runs of hessfd and a call of f took
+    2 (2 n**2 + 1) + 1 = 39 points in three calls for the central Hessian, and
+    2 (1 + 4 n + 16 n (n - 1) / 2) + 1 = 123 at order 4.)"""
     x = uniform((3,), 7, F64, bound=1.0)
     func, calls = counting(scalar)
-    hessfd_with_error(func, scheme=scheme, part=part)(x)  # type: ignore[arg-type]
+    hessfd_with_error(func, scheme=scheme, order=order, part=part)(x)  # type: ignore[arg-type]
     assert calls[0] == 1
     func, calls = counting(scalar)
-    hessfd_with_error(func, scheme=scheme, part=part, chunk_size=1)(x)  # type: ignore[arg-type]
+    options: dict[str, Any] = {"scheme": scheme, "order": order, "part": part, "chunk_size": 1}
+    hessfd_with_error(func, **options)(x)
     assert calls[0] == points
 
 
