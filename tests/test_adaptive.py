@@ -204,3 +204,74 @@ def test_second_derivative_estimates_with_pytrees() -> None:
         assert v.shape == e.shape == r.shape and bool(((v - r).abs() <= e).all())
     with pytest.raises(ValueError, match=r"^hessfd_with_error\(func, part='trace'\)"):
         hessfd_with_error(f, part="trace")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------ bounds
+
+
+def on_half_line(x: torch.Tensor) -> torch.Tensor:
+    """sqrt and log, defined for x > 0 (x >= 0 for the last row), near x = 0."""
+    if bool((x < 0).any()):
+        raise AssertionError("evaluated outside the bounds")
+    return torch.stack([torch.sqrt(x[0]), torch.log(x[1]) * x[2], torch.sqrt(x + 0.1).sum()])
+
+
+def half_line_jacobian(x: torch.Tensor) -> torch.Tensor:
+    """on_half_line's Jacobian, analytic."""
+    jac = torch.zeros(3, x.numel(), dtype=x.dtype)
+    jac[0, 0] = 0.5 / torch.sqrt(x[0])
+    jac[1, 1], jac[1, 2] = x[2] / x[1], torch.log(x[1])
+    jac[2] = 0.5 / torch.sqrt(x + 0.1)
+    return jac
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"rtol": 1e-8}, {"scheme": "forward"}, {"scheme": "backward"}, {"order": 4}],
+    ids=["central", "rtol", "forward", "backward", "order4"],
+)
+def test_bounds_never_outside_and_bounded(options: dict[str, Any]) -> None:
+    """sqrt and log at 1e-3 to 2e-3 over [0, 2], and an input at each bound: no
+    point outside, and every entry within its estimate of the analytic Jacobian
+    (measured: at most 0.5 of it)."""
+    points: list[torch.Tensor] = []
+
+    def recorded(x: torch.Tensor) -> torch.Tensor:
+        points.append(x.detach().clone())
+        return on_half_line(x)
+
+    x = torch.tensor([1e-3, 2e-3, 0.5, 0.0, 2.0], dtype=F64)
+    jac, error, info = jacfd_adaptive(recorded, bounds=(0.0, 2.0), strategy="loop", **options)(x)
+    every = torch.stack(points)
+    assert float(every.min()) >= 0.0 and float(every.max()) <= 2.0
+    assert len(points) == int(info.evaluations)
+    assert bool(((jac - half_line_jacobian(x)).abs() <= error).all())
+    assert float(info.step[-1]) < 0 or options.get("scheme") == "backward"  # turned at 2
+
+
+def test_bounds_tiny_input_needs_typical_and_refuses_outside() -> None:
+    """sqrt at 1e-8 curves on the scale of 1e-8: no step of the sequence around the
+    default h (~5e-6) sees it, and typical=x does; a point outside is refused."""
+    x = torch.tensor([1e-8, 1e-4, 0.1], dtype=F64)
+    exact = half_line_jacobian(x)
+    jac, error, _ = jacfd_adaptive(on_half_line, bounds=(0.0, 3.0), strategy="loop")(x)
+    assert not bool(((jac - exact).abs() <= error).all())  # the contract needs smoothness
+    transform = jacfd_adaptive(on_half_line, bounds=(0.0, 3.0), strategy="loop", typical=x)
+    jac, error, _ = transform(x)
+    assert bool(((jac - exact).abs() <= error).all())
+    with pytest.raises(ValueError, match=r"^jacfd_adaptive\(func, bounds\).* outside its bounds"):
+        jacfd_adaptive(on_half_line, bounds=(0.0, 3.0))(torch.tensor([-1e-3, 1.0, 1.0]))
+
+
+def test_bounds_under_vmap() -> None:
+    """Each sample gets what a call on it alone gets (the one-sided pass covers
+    every column under vmap, and keeps only those without room)."""
+    X = torch.tensor([[0.0, 0.5, 1.0], [0.3, 1e-3, 0.9], [0.2, 0.4, 0.6]], dtype=F64) + 1e-3
+    for scheme in ("central", "backward"):
+        transform = jacfd_adaptive(
+            lambda x: torch.sqrt(x) * x.sum(), scheme=scheme, bounds=(0.0, 1.001)
+        )  # type: ignore[arg-type]
+        jacs, errors, _ = vmap(transform)(X)
+        for x, jac, error in zip(X, jacs, errors):
+            alone = transform(x)
+            assert torch.equal(jac, alone[0]) and torch.equal(error, alone[1])

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +13,7 @@ import torch
 from torch.func import grad, jacfwd, jacrev, jvp, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_map
 
-from jacfd import differentiable
+from jacfd import differentiable, jacfd, jvpfd
 
 F64 = torch.float64
 CENTRAL = 1e-8  # relative error of central differences of order 2 in float64
@@ -266,3 +267,91 @@ def test_backward_memory_is_bounded_by_chunk_size() -> None:
     assert watch.numel <= 2 * chunk * n_out < n_in * n_out
     expected = torch.func.grad(lambda x: torch.tanh(weight @ x).sum())(x.detach())
     torch.testing.assert_close(x.grad, expected, rtol=1e-7, atol=1e-9)
+
+
+# ----------------------------------------------- tensor and pytree typical and bounds
+
+T = torch.linspace(0, 2e5, 20, dtype=F64)
+
+
+def decay_and_root(b: torch.Tensor, c: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A rate of 1e-5 (typical matters) and square roots at 0 (bounds matter)."""
+    return torch.cat([b[1] * torch.exp(-b[0] * T), torch.sqrt(c["s"]) * b[1] / 1e3])
+
+
+B = torch.tensor([1e-5, 1e3], dtype=F64)
+C = {"s": torch.tensor([0.0, 1e-3, 0.5], dtype=F64)}
+TYPICAL = (B.abs(), {"s": torch.full((3,), 0.1, dtype=F64)})
+BOUNDS = ((0.0, {"s": torch.zeros(3, dtype=F64)}), math.inf)
+V = _gen(23, seed=7)
+
+
+def _leaves(b: torch.Tensor, c: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    return [b.detach().clone().requires_grad_(), c["s"].detach().clone().requires_grad_()]
+
+
+def test_compile_fullgraph_two_inputs() -> None:
+    """The compiled backward's gradients are views of one buffer in the dense vjp:
+    the custom op returns them as separate tensors (it raised before)."""
+    f = differentiable(lambda x, y: x.sin() * y.sum())
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, y: f(x, y).sum(), fullgraph=True, backend="aot_eager")
+    x, y = _gen(3).requires_grad_(), _gen(2, seed=8).requires_grad_()
+    compiled(x, y).backward()
+    expected = grad(lambda x, y: (x.sin() * y.sum()).sum(), (0, 1))(x.detach(), y.detach())
+    close((x.grad, y.grad), expected, CENTRAL)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compile"])
+def test_typical_and_bounds_tensors_and_pytrees(compiled: bool) -> None:
+    """A per-element typical and tensor bounds (pytrees like the arguments): the
+    same v^T J as jacfd's Jacobian with the same options, and the same J t as jvpfd."""
+    jac = jacfd(decay_and_root, (0, 1), typical=TYPICAL, bounds=BOUNDS)(B, C)
+    expected = (V @ jac[0], V @ jac[1]["s"])
+    f = differentiable(decay_and_root, typical=TYPICAL, bounds=BOUNDS)
+
+    def loss(b: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return (f(b, {"s": s}) * V).sum()
+
+    if compiled:
+        torch._dynamo.reset()
+        loss = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    b, s = _leaves(B, C)
+    loss(b, s).backward()
+    torch.testing.assert_close((b.grad, s.grad), expected, rtol=1e-13, atol=0)
+    # The default step is 60% of the rate: its gradient is off.
+    b, s = _leaves(B, C)
+    (differentiable(decay_and_root, bounds=BOUNDS)(b, {"s": s}) @ V).backward()
+    assert float((b.grad - expected[0]).abs().max() / expected[0].abs().max()) > 1e-2
+    if compiled:
+        return
+    tangents = (_gen(2, seed=9), _gen(3, seed=10).abs())
+    _, along = jvp(lambda b, s: f(b, {"s": s}), (B, C["s"]), tangents)
+    _, reference = jvpfd(
+        decay_and_root, (B, C), (tangents[0], {"s": tangents[1]}), typical=TYPICAL, bounds=BOUNDS
+    )
+    torch.testing.assert_close(along, reference, rtol=1e-13, atol=0)
+
+
+def test_typical_and_bounds_with_argnums() -> None:
+    """argnums=1: a pytree like that argument (bare, as jacfd takes it); one
+    differentiated tensor: a tensor. A mismatch names differentiable."""
+    typical, bounds = {"s": TYPICAL[1]["s"]}, ({"s": BOUNDS[0][1]["s"]}, 2.0)
+    jac = jacfd(decay_and_root, 1, typical=typical, bounds=bounds)(B, C)["s"]
+    s = C["s"].clone().requires_grad_()
+    (
+        differentiable(decay_and_root, argnums=1, typical=typical, bounds=bounds)(B, {"s": s}) @ V
+    ).backward()
+    torch.testing.assert_close(s.grad, V @ jac, rtol=1e-13, atol=0)
+    x = _gen(4).abs().requires_grad_()
+    lower = torch.tensor([0.0, -1.0, 0.0, -math.inf], dtype=F64)
+    f = differentiable(torch.sqrt, typical=torch.full((4,), 0.5, dtype=F64), bounds=(lower, 5.0))
+    f(x).sum().backward()
+    jac = jacfd(torch.sqrt, typical=torch.full((4,), 0.5, dtype=F64), bounds=(lower, 5.0))(
+        x.detach()
+    )
+    torch.testing.assert_close(x.grad, jac.sum(0), rtol=1e-13, atol=0)
+    with pytest.raises(ValueError, match=r"^differentiable\(func, typical\): the structure"):
+        differentiable(decay_and_root, typical={"s": 1.0})(B, C)
+    with pytest.raises(ValueError, match=r"^differentiable\(func, bounds\): a single bounds"):
+        differentiable(decay_and_root, bounds=(torch.zeros(3, dtype=F64), 1.0))(B, C)

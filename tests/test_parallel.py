@@ -98,6 +98,9 @@ def test_int_workers_and_every_transform(pool_map: Callable[..., Any]) -> None:
         torch.equal(a, b)
         for a, b in zip(with_error, jacfd.jacfd_with_error(vector, strategy="loop")(X))
     )
+    second = jacfd.hessfd_with_error(lambda_free_scalar, **loop)(X)
+    serial_second = jacfd.hessfd_with_error(lambda_free_scalar, strategy="loop")(X)
+    assert all(torch.equal(a, b) for a, b in zip(second, serial_second))
     v = torch.ones_like(X)
     assert torch.equal(
         jacfd.jvpfd(vector, (X,), (v,), **loop)[1],
@@ -186,6 +189,9 @@ def _ranks(rank: int, world: int, port: int) -> None:
             serial = transform(**options)(x)
             shared = transform(**options, process_group=group)(x)
             assert torch.equal(shared, serial), (world, options)
+        serial_pair = jacfd.hessfd_with_error(lambda_free_scalar, chunk_size=7)(X)
+        pair = jacfd.hessfd_with_error(lambda_free_scalar, chunk_size=7, process_group=group)(X)
+        assert all(torch.equal(a, b) for a, b in zip(pair, serial_pair))
         torch.manual_seed(rank)  # different generators: rank 0's state is used
         shared = jacfd.jacfd(dropout, randomness="same", chunk_size=4, process_group=group)(X)
         torch.manual_seed(0)

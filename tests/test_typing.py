@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from typing_extensions import assert_type
 
-from jacfd import hessfd, jacfd, jacfd_with_error, jvpfd
+from jacfd import hessfd, hessfd_with_error, jacfd, jacfd_with_error, jvpfd
 
 
 def scaled_sin(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -30,6 +30,9 @@ def test_results_have_the_arity_of_has_aux() -> None:
     assert len(pair) == 2 and len(triple) == 3 and float(triple[2]) == float(X.sum())
     pair = assert_type(jvpfd(scaled_sin, (X,), (X,)), tuple[Any, Any])
     triple = assert_type(jvpfd(sin_with_aux, (X,), (X,), has_aux=True), tuple[Any, Any, Any])
+    assert len(pair) == 2 and len(triple) == 3
+    pair = assert_type(hessfd_with_error(scaled_sin)(X), tuple[Any, Any])
+    triple = assert_type(hessfd_with_error(sin_with_aux, has_aux=True)(X), tuple[Any, Any, Any])
     assert len(pair) == 2 and len(triple) == 3
     has_aux: bool = False  # not a literal: the arity is unknown
     assert_type(jacfd_with_error(scaled_sin, has_aux=has_aux)(X), tuple[Any, ...])

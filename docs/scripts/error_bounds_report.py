@@ -8,6 +8,9 @@ estimate / true error (entries with a nonzero true error), and the evaluations o
 func per call (points). ``--write`` puts the tables into ``docs/accuracy.md``
 between the ``error-bounds`` markers.
 
+Then ``hessfd_with_error``'s points per call, and both transforms near a bound
+(``bounds=(0, 2)``, func raising outside it).
+
 Usage: ``python docs/scripts/error_bounds_report.py [--write]``
 """
 
@@ -138,12 +141,27 @@ SECOND: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], int]] = {
 }
 
 
+def _counted(f: Callable[[torch.Tensor], torch.Tensor], points: list[int]) -> Any:
+    """f, adding the number of points of every call (strategy="loop": one each)."""
+
+    def counted(x: torch.Tensor) -> torch.Tensor:
+        points[0] += 1
+        return f(x)
+
+    return counted
+
+
 def second_table() -> str:
-    lines = ["| function | part | bounded | median ratio |", "|---|---|---:|---:|"]
+    lines = [
+        "| function | part | bounded | median ratio | points (calls of f) |",
+        "|---|---|---:|---:|---:|",
+    ]
     for part in ("full", "diagonal", "laplacian"):
         for name, (f, n) in SECOND.items():
             bounded = total = 0
             ratios = []
+            points = [0]
+            hessfd_with_error(_counted(f, points), part=part, strategy="loop")(torch.zeros(n))  # type: ignore[arg-type]
             for seed in range(5):
                 g = torch.Generator().manual_seed(seed)
                 x = (torch.rand(n, generator=g, dtype=torch.float64) * 2 - 1) * 2
@@ -157,7 +175,88 @@ def second_table() -> str:
                 total += true.numel()
                 ratios.append(estimate[true > 0] / true[true > 0])
             median = torch.cat(ratios).median().item()
-            lines.append(f"| {name} | {part} | {100 * bounded / total:.0f}% | {median:.0f} |")
+            lines.append(
+                f"| {name} | {part} | {100 * bounded / total:.0f}% | {median:.0f} "
+                f"| {points[0]} (1) |"
+            )
+    return "\n".join(lines)
+
+
+def _inside(f: Callable[[torch.Tensor], torch.Tensor], lower: float, upper: float) -> Any:
+    def checked(x: torch.Tensor) -> torch.Tensor:
+        if bool((x < lower).any() | (x > upper).any()):
+            raise AssertionError("evaluated outside the bounds")
+        return f(x)
+
+    return checked
+
+
+def _ratios(value: Any, error: Any, exact: Any) -> tuple[float, float, float]:
+    """(fraction of entries bounded, median estimate / true error, largest true
+    error / estimate)."""
+    true, estimate = (value - exact).abs().flatten(), error.flatten()
+    nonzero = true > 0
+    return (
+        float((estimate >= true).double().mean()),
+        float((estimate[nonzero] / true[nonzero]).median()),
+        float((true / estimate).max()),
+    )
+
+
+def bounds_table() -> str:
+    """Near a bound: x at, near and far from the bounds [0, 2] (float64); func raises
+    outside them, so every row also shows that no point left them."""
+    lines = [
+        "| transform | function at x = 0, 1e-6, 1e-3, 0.5, 2 | options | bounded "
+        "| median estimate / error | largest error / estimate | points |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    x = torch.tensor([0.0, 1e-6, 1e-3, 0.5, 2.0], dtype=torch.float64)
+
+    def jacobian_rows(name: str, f: Callable[[torch.Tensor], torch.Tensor], x: Any) -> None:
+        exact = jacrev(f)(x)
+        labels = ("central", "rtol=1e-8", "forward", "order=4")
+        for label, options in zip(
+            labels, ({}, {"rtol": 1e-8}, {"scheme": "forward"}, {"order": 4})
+        ):
+            transform = jacfd_adaptive(
+                _inside(f, 0.0, 2.0), bounds=(0.0, 2.0), strategy="loop", **options
+            )
+            jac, error, info = transform(x)
+            bounded, median, worst = _ratios(jac, error, exact)
+            lines.append(
+                f"| `jacfd_adaptive` | {name} | {label} | {100 * bounded:.0f}% "
+                f"| {median:.0f} | {worst:.2f} | {int(info.evaluations)} |"
+            )
+
+    def root(c: float) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda x: (torch.log(x + c) + torch.sqrt(x + c) * x.sum()).sum() * x.cos().sum()
+
+    jacobian_rows(
+        "log1p(x) + sqrt(x + 0.1) sum(x)", lambda x: torch.log1p(x) + (x + 0.1).sqrt() * x.sum(), x
+    )
+    for c in (0.1, 0.01):
+        f = root(c)
+        exact = hessian(f)(x)
+        for part in ("full", "diagonal"):
+            for scheme, order in (("central", 2), ("central", 4), ("forward", 1)):
+                points = [0]
+                transform = hessfd_with_error(
+                    _counted(_inside(f, 0.0, 2.0), points),
+                    scheme=scheme,  # type: ignore[arg-type]
+                    order=order,
+                    part=part,  # type: ignore[arg-type]
+                    bounds=(0.0, 2.0),
+                    strategy="loop",
+                )
+                value, error = transform(x)
+                ref = exact if part == "full" else torch.diagonal(exact)
+                bounded, median, worst = _ratios(value, error, ref)
+                lines.append(
+                    f"| `hessfd_with_error` ({part}) | (log(x + {c}) + sqrt(x + {c}) sum(x)) "
+                    f"sum(cos x) | {scheme}, order={order} | {100 * bounded:.0f}% | {median:.0f} "
+                    f"| {worst:.2f} | {points[0]} |"
+                )
     return "\n".join(lines)
 
 
@@ -169,7 +268,7 @@ def main() -> None:
     text = (
         f"{BEGIN}\n#### Jacobians: fraction of entries bounded, median estimate / true error, "
         f"evaluations\n\n{jacobian_table()}\n\n#### Second derivatives (float64)\n\n"
-        f"{second_table()}\n{END}"
+        f"{second_table()}\n\n#### Near a bound (float64)\n\n{bounds_table()}\n{END}"
     )
     print(text)
     if args.write:

@@ -18,7 +18,13 @@ step, whose difference ``|D_h/4 - D_h/2|`` is mostly rounding. That noise is
 the same quantity for every column of an output element (f's noise), so its
 largest sample over the columns is taken (the median let a few entries of a
 function with cancellation exceed their estimate). Each column keeps the step
-whose estimate is smallest over the column.
+whose estimate is smallest over the column (the selection: ``_selection``).
+
+With ``bounds``, every round's steps leave room for the whole sequence (``8h``):
+a one-sided stencil turns towards the room (a negative step) or shrinks where
+neither side has it; the coordinates without room for a central stencil get the
+one-sided stencil of the same order (at most 4) at all six steps, in a pass over
+those coordinates only, and only the columns with room sample the noise.
 """
 
 from __future__ import annotations
@@ -37,19 +43,15 @@ from ._layout import per_argnums, to_torch_func_layout
 from ._plan import Call, Options, Planner, check_options
 from ._points import ColorPoints
 from ._random import Randomness
-from ._stencil import Scheme, Stencil
+from ._selection import Selection
+from ._stencil import Scheme, Stencil, get_stencil
 from ._strategy import StrategyOption as Strategy
-from ._with_error import ROUNDING_SAFETY
 
 UNIT = 4
 """The offsets are multiples of ``h / UNIT``: the smallest step of the sequence."""
 ROUNDS = ((4, 8, 16), (1, 2, 32))
 """The steps of each round, in units of ``h / UNIT``: ``h, 2h, 4h``, then
 ``h/4, h/2, 8h``. Without a tolerance both are one round."""
-SAFETY = 2.0
-"""Factor on the difference between neighbouring extrapolations."""
-NOISE_SAFETY = 2.0
-"""Factor on the noise measured at the smallest step."""
 
 
 class AdaptiveInfo(NamedTuple):
@@ -93,6 +95,9 @@ class _Round:
     def __init__(self, stencil: Stencil, multiples: tuple[int, ...], has_aux: bool) -> None:
         scaled = [stencil.scaled(m) for m in multiples]
         self.multiples = multiples
+        every = [m * o for m in (*ROUNDS[0], *ROUNDS[1]) for o in stencil.offsets]
+        self.reach = (min(0, *every), max(0, *every))
+        """Every round's steps: ``bounds`` leave room for all of them at once."""
         self.offsets = tuple(sorted({o for s in scaled for o in s.offsets if o != 0}))
         self.contractions = [Contraction.of(s, self.offsets) for s in scaled] + [
             Contraction.of(s, self.offsets, absolute=True) for s in scaled
@@ -117,6 +122,7 @@ class _Round:
             points = ColorPoints(
                 chosen, count, self.offsets, contractions, center, options.chunk_size
             )
+            points.reach = self.reach
             return points, None
 
         return Planner(func, options, points)
@@ -149,6 +155,7 @@ def jacfd_adaptive(
     strategy: Strategy = "vmap",
     typical: Any = None,
     noise: float | str | None = None,
+    bounds: Any = None,
 ) -> Callable[P, tuple[Any, ...]]:
     """A Jacobian with a per-column step chosen from ``h/4 ... 8h``, and an error
     estimate meant to bound the true error.
@@ -166,7 +173,15 @@ def jacfd_adaptive(
     column with ``max(error) <= atol + rtol * max|J|`` over its entries stops there, and
     only the others get the remaining steps, in a second batched call. (Inside
     ``vmap`` or ``torch.compile`` the values cannot be read: every column gets
-    both rounds.)
+    both rounds, and with ``bounds`` the one-sided pass below.)
+
+    With ``bounds``, func is never evaluated outside them (scipy's semantics):
+    the points of all six steps fit, one-sided stencils turn towards the room
+    or shrink, and a central stencil's coordinates without room for ``8h`` on
+    both sides get a one-sided stencil of the same order (at most 4), in another
+    batched call over those coordinates. The estimate needs steps on which func
+    is smooth: ``sqrt(x)`` at ``x = 1e-8`` is not, at the default step (pass
+    ``typical``).
 
     Args:
         func: As in :func:`jacfd`.
@@ -181,12 +196,14 @@ def jacfd_adaptive(
         strategy: As in :func:`jacfd`.
         typical: As in :func:`jacfd`: the scale of ``h``.
         noise: As in :func:`jacfd`: the noise ``h`` and the rounding floor use.
+        bounds: As in :func:`jacfd`: ``(lower, upper)``, floats, tensors or pytrees;
+            a point outside them is a ``ValueError``.
 
     Returns:
         A function returning ``(jacobian, error, info)``, or ``(jacobian, error,
             info, aux)`` with ``has_aux``: the first two in :func:`jacfd`'s layout,
             ``info`` an :class:`AdaptiveInfo` with the number of evaluations and
-            the step each column kept.
+            the step each column kept (negative where a bound turned it).
 
     Examples:
         >>> import torch
@@ -220,36 +237,34 @@ def jacfd_adaptive(
         strategy=strategy,
         typical=typical,
         noise=noise,
+        bounds=bounds,
     )
     rtol = _check_tolerance(name, "rtol", rtol)
     atol = _check_tolerance(name, "atol", atol)
     stencil = options.stencil
-    options = dataclasses.replace(options, stencil=_unit(stencil))
     early = rtol > 0 or atol > 0
-    rounds = (
-        [_Round(stencil, m, has_aux) for m in ROUNDS]
-        if early
-        else [_Round(stencil, tuple(sorted(ROUNDS[0] + ROUNDS[1])), has_aux)]
-    )
-    first = rounds[0].planner(func, options, None)
+    main = _Pass(func, options, stencil, early)
+    side = None  # a central stencil near a bound: its columns from a one-sided one
+    bounded = options.rule is not None and options.rule.bounds is not None
+    if bounded and min(stencil.offsets) < 0 < max(stencil.offsets):
+        one = get_stencil("forward", min(stencil.accuracy, 4), stencil.derivative)
+        side = _Pass(func, options, one, early)
 
     @wraps(func)
     def jacobian_adaptive(*args: Any, **kwargs: Any) -> tuple[Any, ...]:
-        call = first.prepare(args, kwargs)
-        columns = run_points(call, options)
-        n = columns.steps.numel()
-        evaluations = rounds[0].rows(n)
-        fine = _Fine(rounds[0], columns, call, stencil)
-        if early:
-            done = fine.select(rtol, atol)
-            todo = _unreadable_or(done)
-            if todo is not None and todo.numel():
-                second = _second_round(func, options, call, args, kwargs, rounds[1], todo)
-                fine.add(rounds[1], second, todo)
-                evaluations += rounds[1].rows(todo.numel())
-                fine.select(0.0, 0.0, todo)
-        else:
-            fine.select(0.0, 0.0)
+        call = main.first.prepare(args, kwargs)
+        fine, columns, evaluations = main.run(call, main.options, args, kwargs, rtol, atol)
+        misfit = call.misfit
+        todo = None if side is None or misfit is None else _unreadable_or(~misfit)
+        if side is not None and misfit is not None and todo is not None and todo.numel():
+            # The coordinates without room for the central points at 8h, one-sided.
+            measured = _measured(side.options, call)
+            again = side.prepare(args, kwargs, call, todo)
+            sided, _, more = side.run(
+                again, measured, args, kwargs, rtol, atol, todo, misfit[todo]
+            )
+            fine.take(todo, sided, misfit)
+            evaluations += more
         plan = call.plan
         layout = (columns.out_spec, plan.shapes, plan.spec, options.single_argnum)
         jac = to_torch_func_layout(fine.blocks(fine.jacobian), *layout)
@@ -265,7 +280,7 @@ def jacfd_adaptive(
     return jacobian_adaptive
 
 
-def _unreadable_or(done: torch.Tensor) -> torch.Tensor | None:
+def _unreadable_or(done: torch.Tensor) -> torch.Tensor:
     """The columns still to do, or all of them where ``done`` cannot be read."""
     if torch.compiler.is_compiling():
         return torch.arange(done.numel(), device=done.device)
@@ -275,138 +290,76 @@ def _unreadable_or(done: torch.Tensor) -> torch.Tensor | None:
         return torch.arange(done.numel(), device=done.device)
 
 
-def _second_round(
-    func: Callable[..., Any],
-    options: Options,
-    call: Call,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    round_: _Round,
-    todo: torch.Tensor,
-) -> Columns:
-    """The second round's steps along the columns ``todo``, with the first round's
-    steps (its output precision and estimated noise, not measured again)."""
-    if options.rule is not None and options.rule.noise == "estimate":
-        options = dataclasses.replace(
-            options,
-            rule=dataclasses.replace(
-                options.rule, noise=0.0 if call.noise is None else call.noise
-            ),
+class _Pass:
+    """The rounds of one stencil over the columns: the transform's, or the
+    one-sided stencil that replaces a central one near a bound."""
+
+    def __init__(
+        self, func: Callable[..., Any], options: Options, stencil: Stencil, early: bool
+    ) -> None:
+        self.func, self.stencil = func, stencil
+        self.options = dataclasses.replace(options, stencil=_unit(stencil))
+        has_aux = options.has_aux
+        self.rounds = (
+            [_Round(stencil, m, has_aux) for m in ROUNDS]
+            if early
+            else [_Round(stencil, tuple(sorted(ROUNDS[0] + ROUNDS[1])), has_aux)]
         )
-    n = sum(p.numel() for p in call.primals)
-    colors = torch.full((n,), -1, dtype=torch.long, device=todo.device)
-    colors[todo] = torch.arange(todo.numel(), device=todo.device)
-    again = round_.planner(func, options, colors).prepare(args, kwargs)
-    again.plan.output_eps[0] = call.plan.output_eps[0]
-    return run_points(again, options)
+        self.first = self.rounds[0].planner(func, self.options, None)
+
+    def prepare(
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        call: Call,
+        todo: torch.Tensor,
+        round_: int = 0,
+    ) -> Call:
+        """A call of the round's points along the coordinates ``todo`` only, with
+        ``call``'s output precision."""
+        n = sum(p.numel() for p in call.primals)
+        colors = torch.full((n,), -1, dtype=torch.long, device=todo.device)
+        colors[todo] = torch.arange(todo.numel(), device=todo.device)
+        again = self.rounds[round_].planner(self.func, self.options, colors).prepare(args, kwargs)
+        again.plan.output_eps[0] = call.plan.output_eps[0]
+        return again
+
+    def run(
+        self,
+        call: Call,
+        options: Options,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        rtol: float,
+        atol: float,
+        index: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> tuple[Selection, Columns, int]:
+        """Every round along the call's columns (the coordinates ``index``, or all):
+        the selection, the first round's columns and the evaluations. Only the
+        ``valid`` columns sample f's noise (by default, those with room)."""
+        columns = run_points(call, options)
+        evaluations = self.rounds[0].rows(columns.blocks[0][0].shape[0])
+        if valid is None and call.misfit is not None:  # central points without room
+            valid = ~call.misfit
+        fine = Selection(self.rounds[0], columns, call, self.stencil, index, valid)
+        if len(self.rounds) == 1:
+            fine.select(0.0, 0.0)
+            return fine, columns, evaluations
+        todo = _unreadable_or(fine.select(rtol, atol))
+        if todo.numel():
+            coordinates = todo if index is None else index[todo]
+            again = self.prepare(args, kwargs, call, coordinates, 1)
+            second = run_points(again, _measured(options, call))
+            fine.add(self.rounds[1], second, todo)
+            evaluations += self.rounds[1].rows(todo.numel())
+            fine.select(0.0, 0.0, todo)
+        return fine, columns, evaluations
 
 
-class _Fine:
-    """The derivative estimates at every step evaluated so far, per output leaf as
-    float64 ``(steps, columns, outputs)``, and the selection among them."""
-
-    def __init__(self, round_: _Round, columns: Columns, call: Call, stencil: Stencil) -> None:
-        self.power, self.derivative = 2**stencil.accuracy, stencil.derivative
-        self.unit = columns.steps.to(torch.float64)
-        self.multiples = list(round_.multiples)
-        blocks = columns.blocks[0]
-        self.dtypes = [b.dtype for b in blocks]
-        self.out_shapes = [b.shape[1:] for b in blocks]
-        # The rounding of one evaluation, relative: the coarser of input and output,
-        # or func's noise where it is larger.
-        eps = max(
-            *(torch.finfo(p.dtype).eps for p in call.primals),
-            *(torch.finfo(b.dtype).eps for b in blocks if b.dtype.is_floating_point),
-            call.plan.output_eps[0],
-        )
-        noise = call.noise  # (a tensor per sample when estimated under vmap)
-        self.eps: float | torch.Tensor = (
-            eps
-            if noise is None
-            else noise.clamp_min(eps)
-            if isinstance(noise, torch.Tensor)
-            else max(eps, noise)
-        )
-        self.d, self.a = self._blocks(round_, columns, self.unit)
-        self.jacobian: list[torch.Tensor] = []
-        self.error: list[torch.Tensor] = []
-        self.step = self.unit
-
-    def _blocks(
-        self, round_: _Round, columns: Columns, h: torch.Tensor
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per output leaf: D and sum|w||f|/h as ``(steps, columns, outputs)``; the
-        colours' columns are not divided by their steps yet."""
-        count = len(round_.multiples)
-        scale = h.reshape(1, -1, 1) ** self.derivative
-        d, a = [], []
-        for k in range(len(columns.blocks[0])):
-            stack = [columns.blocks[c][k] for c in range(2 * count)]
-            flat = torch.stack([s.reshape(s.shape[0], -1) for s in stack]).to(torch.float64)
-            flat = flat / scale
-            d.append(flat[:count])
-            a.append(flat[count:])
-        return d, a
-
-    def add(self, round_: _Round, columns: Columns, todo: torch.Tensor) -> None:
-        """Merges the second round's steps for the columns ``todo`` (the other
-        columns are dropped from the stacks: they are done)."""
-        d, a = self._blocks(round_, columns, self.unit[todo])
-        merged = self.multiples + list(round_.multiples)
-        order = sorted(range(len(merged)), key=merged.__getitem__)
-        self.multiples = [merged[i] for i in order]
-        self.d = [torch.cat([old[:, todo], new])[order] for old, new in zip(self.d, d)]
-        self.a = [torch.cat([old[:, todo], new])[order] for old, new in zip(self.a, a)]
-
-    def select(self, rtol: float, atol: float, todo: torch.Tensor | None = None) -> torch.Tensor:
-        """Keeps each column's best extrapolation (into the columns ``todo``);
-        returns which columns have ``max error <= atol + rtol * max|J|``."""
-        p, eps = self.power, self.eps
-        h = self.unit if todo is None else self.unit[todo]
-        scales = torch.tensor(self.multiples[:-1], dtype=torch.float64, device=h.device)
-        steps = scales.reshape(-1, 1) * h.reshape(1, -1)  # (K, columns)
-        results, errors, scores = [], [], []
-        for d, a in zip(self.d, self.a):
-            r = (p * d[:-1] - d[1:]) / (p - 1)
-            spread = (r[1:] - r[:-1]).abs()
-            nearby = torch.maximum(
-                torch.cat([spread[:1], spread]), torch.cat([spread, spread[-1:]])
-            )
-            floor = ROUNDING_SAFETY * eps * (p * a[:-1] + a[1:]) / (p - 1)
-            if self.multiples[0] == 1 and d.shape[1] > 0:  # the smallest step: f's noise
-                noise = ((d[0] - d[1]).abs() * h.reshape(-1, 1)).amax(dim=0)
-                floor = floor + NOISE_SAFETY * noise / steps[..., None]
-            error = SAFETY * nearby + floor
-            results.append(r)
-            errors.append(error)
-            worst = error.amax(dim=2) if error.shape[2] else error.sum(dim=2)
-            scores.append(worst.nan_to_num(torch.inf))
-        best = torch.stack(scores).amax(dim=0).argmin(dim=0)  # (columns,)
-        jac, err = [], []
-        largest = torch.zeros(best.shape, dtype=torch.float64, device=best.device)
-        worst = torch.zeros_like(largest)
-        for r, e in zip(results, errors):
-            index = best.reshape(1, -1, 1).expand(1, *r.shape[1:])
-            jac.append(r.gather(0, index)[0])
-            err.append(e.gather(0, index)[0])
-            if r.shape[2]:
-                largest = torch.maximum(largest, jac[-1].abs().amax(dim=1))
-                worst = torch.maximum(worst, err[-1].amax(dim=1))
-        # Per column, as a norm: an entry that is zero (f ignores the input) keeps
-        # its rounding floor, which no relative tolerance of its own would meet.
-        done = worst <= atol + rtol * largest
-        chosen = steps.gather(0, best.reshape(1, -1))[0]
-        if todo is None:
-            self.jacobian, self.error, self.step = jac, err, chosen
-        else:
-            self.jacobian = [j.index_copy(0, todo, new) for j, new in zip(self.jacobian, jac)]
-            self.error = [e.index_copy(0, todo, new) for e, new in zip(self.error, err)]
-            self.step = self.step.index_copy(0, todo, chosen)
-        return done
-
-    def blocks(self, values: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Per output leaf, ``(columns, *out)`` in the output's dtype."""
-        return [
-            v.reshape(v.shape[0], *shape).to(dtype)
-            for v, shape, dtype in zip(values, self.out_shapes, self.dtypes)
-        ]
+def _measured(options: Options, call: Call) -> Options:
+    """``options`` with the noise level ``call`` estimated, not measured again."""
+    if options.rule is None or options.rule.noise != "estimate":
+        return options
+    level = 0.0 if call.noise is None else call.noise
+    return dataclasses.replace(options, rule=dataclasses.replace(options.rule, noise=level))

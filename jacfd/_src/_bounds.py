@@ -71,6 +71,8 @@ def check_inside(name: str, primals: list[torch.Tensor], specs: RuleSpecs) -> No
 
 def reach_of(points: PointSet) -> tuple[int, int]:
     """The lowest and highest multiple of a coordinate's step among the points."""
+    if points.reach is not None:
+        return points.reach
     offsets: tuple[int, ...] | list[int] | None = getattr(points, "offsets", None)
     if offsets is None:
         offsets = getattr(points, "axis", [0])

@@ -129,7 +129,15 @@ class CompiledOps:
             grads = [torch.zeros_like(x) for x in xs]
             for i, g in zip(call.wrt, _vjp(call, call.wrt, flat_xs, cts)):
                 grads[i] = g
-            return grads
+            # Custom ops may not return views of their inputs nor of one another (the
+            # dense backward splits one buffer into the inputs' gradients).
+            taken = {t.untyped_storage().data_ptr() for t in (*xs, *cts) if t.numel()}
+            unique = []
+            for g in grads:
+                pointer = g.untyped_storage().data_ptr() if g.numel() else None
+                unique.append(g.clone() if pointer is None or pointer in taken else g)
+                taken.add(unique[-1].untyped_storage().data_ptr())
+            return unique
 
         @vjp.register_fake
         def _(key: int, xs: list[torch.Tensor], cts: list[torch.Tensor]) -> list[torch.Tensor]:

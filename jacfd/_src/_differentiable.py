@@ -117,7 +117,18 @@ class Differentiable:
         if self.argnums is None:  # keyword tensors are differentiated too
             wrt = tuple(k for k, i in enumerate(tensor_at) if _is_float(xs[k]))
         flat = _Flat(func, template, tensor_at, spec)
-        call = _Call(flat, wrt, self.options, self.batch_dim, self.sparsity)
+        differentiated = [tensor_at[k] for k in wrt]
+        options = dict(self.options)
+        if options.get("typical") is not None:
+            options["typical"] = _per_input(
+                "typical", options["typical"], spec, num_args, self.argnums, differentiated
+            )
+        if options.get("bounds") is not None:
+            options["bounds"] = tuple(
+                _per_input("bounds", side, spec, num_args, self.argnums, differentiated)
+                for side in options["bounds"]
+            )
+        call = _Call(flat, wrt, options, self.batch_dim, self.sparsity)
         flat.call = call
         return call
 
@@ -173,6 +184,52 @@ def _positions(spec: TreeSpec, num_args: int) -> list[int]:
     for a, child in enumerate(args_spec.children()):
         positions += [a] * child.num_leaves
     return positions + [-1] * kwargs_spec.num_leaves
+
+
+def _per_input(
+    option: str,
+    value: Any,
+    spec: TreeSpec,
+    num_args: int,
+    argnums: tuple[int, ...] | None,
+    differentiated: list[int],
+) -> Any:
+    """``typical`` or a side of ``bounds``, as jacfd of the flat function takes it:
+    a float as it is, else a tuple of one value per differentiated tensor (their
+    indices among the leaves of ``(args, kwargs)``: ``differentiated``), from a
+    tensor (one differentiated tensor) or a pytree like the differentiated
+    arguments (as jacfd's: ``args[argnums]``; with argnums None, ``args``, or
+    ``(args, kwargs)`` where keyword tensors are differentiated). Leaves at
+    arguments that are not differentiated tensors are ignored."""
+    if isinstance(value, (int, float)):
+        return value
+    where = f"{NAME.split('(')[0]}(func, {option})"
+    if isinstance(value, torch.Tensor):
+        if len(differentiated) != 1:
+            raise ValueError(
+                f"{where}: a single {option} tensor is ambiguous for {len(differentiated)} "
+                "differentiated tensors; pass a pytree like the differentiated arguments, "
+                "or a float."
+            )
+        return (value,)
+    # The arguments with each leaf replaced by its index, to read orders from.
+    indexed_args, indexed_kwargs = tree_unflatten(list(range(spec.num_leaves)), spec)
+    if argnums is None:
+        candidates = [tree_flatten((indexed_args, indexed_kwargs))]
+        positional, args_spec = tree_flatten(indexed_args)
+        if set(differentiated) <= set(positional):
+            candidates.insert(0, (positional, args_spec))
+    else:
+        candidates = [tree_flatten(tuple(indexed_args[a % num_args] for a in argnums))]
+    leaves, value_spec = tree_flatten(value)
+    for indices, arguments in candidates:
+        if value_spec == arguments or tree_flatten((value,))[1] == arguments:
+            by_index = dict(zip(indices, leaves))
+            return tuple(by_index[i] for i in differentiated)
+    raise ValueError(
+        f"{where}: the structure of {option} does not match the differentiated "
+        f"arguments.\n  {option}:     {value_spec}\n  arguments: {candidates[0][1]}"
+    )
 
 
 def _check_keywords(options: dict[str, Any]) -> None:
@@ -249,8 +306,11 @@ def differentiable(
             differentiated tensors' elements (flattened in order) and all outputs'.
         batch_dim: As in :func:`jacfd`: func's samples along this dimension of
             every differentiated input and every output do not interact.
-        **options: :func:`jacfd`'s ``typical``, ``noise``, ``bounds`` (floats:
-            they apply to every differentiated element), ``delta``, ``scheme``, ``order``,
+        **options: :func:`jacfd`'s ``typical``, ``noise``, ``bounds`` (floats for
+            every differentiated element, or tensors and pytrees like the
+            differentiated arguments, as in :func:`jacfd`; with ``argnums=None``
+            like ``args``, or ``(args, kwargs)`` when keyword tensors are
+            differentiated), ``delta``, ``scheme``, ``order``,
             ``chunk_size`` (bounds the points evaluated at once in a backward; a
             dense backward never holds more than a chunk's columns), ``randomness``
             and ``strategy``,

@@ -57,6 +57,23 @@ class _Call:
         self._products: dict[tuple[int, ...], Callable[..., list[torch.Tensor]]] = {}
         self._lock = threading.Lock()
 
+    def options_for(self, wrt: tuple[int, ...]) -> dict[str, Any]:
+        """The options for the inputs ``wrt`` (a subset of ``self.wrt``): a tuple of
+        ``typical`` (or of a side of ``bounds``) holds one value per input of
+        ``self.wrt`` (see ``_differentiable._per_input``); the others apply to all."""
+
+        def subset(value: Any) -> Any:
+            if not isinstance(value, tuple) or wrt == self.wrt:
+                return value
+            return tuple(value[self.wrt.index(i)] for i in wrt)
+
+        options = dict(self.options)
+        if "typical" in options:
+            options["typical"] = subset(options["typical"])
+        if options.get("bounds") is not None:
+            options["bounds"] = tuple(subset(side) for side in options["bounds"])
+        return options
+
     def jacobian(self, wrt: tuple[int, ...]) -> Callable[..., Any]:
         """``jacfd`` of the flat function, built once per set of argnums: its plan
         cache then serves every backward of this signature."""
@@ -66,7 +83,7 @@ class _Call:
                 transform = jacfd(
                     self.flat,
                     argnums=wrt,
-                    **self.options,
+                    **self.options_for(wrt),
                     sparsity=self.sparsity,
                     batch_dim=self.batch_dim,
                 )
@@ -79,7 +96,9 @@ class _Call:
         with self._lock:
             transform = self._products.get(wrt)
             if transform is None:
-                transform = vector_jacobian(self.flat, wrt, NAME.split("(")[0], **self.options)
+                transform = vector_jacobian(
+                    self.flat, wrt, NAME.split("(")[0], **self.options_for(wrt)
+                )
                 self._products[wrt] = transform
             return transform
 
@@ -134,7 +153,8 @@ def _jvp(call: _Call, xs: Sequence[torch.Tensor], ts: Sequence[Any]) -> tuple[to
         return tuple(torch.zeros(s, dtype=d, device=v) for s, d, v in call.out_meta)
 
     along = _Along(call.flat, list(xs), moving)
-    options = {k: call.options[k] for k in _JVP_OPTIONS if k in call.options}
+    moving_options = call.options_for(tuple(moving))
+    options = {k: moving_options[k] for k in _JVP_OPTIONS if k in moving_options}
     delta = call.options.get("delta")
     if isinstance(delta, float):
         options["delta"] = delta

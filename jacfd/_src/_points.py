@@ -6,8 +6,8 @@ Every transform is one point set run by the one driver (``_driver``):
   ``x + o h_j e_j`` (Jacobians, Hessian diagonals, error estimates);
 - :class:`ColorPoints`: the same along colours, ``x + o sum_{j of c} h_j e_j``
   (sparse and per-sample Jacobians; the columns come back compressed);
-- :class:`MixedPoints`: the 2-D stencils of the full Hessian,
-  ``x + a h_i e_i + b h_j e_j``.
+- :class:`~._mixed.MixedPoints` (in ``_mixed``): the 2-D stencils of the full
+  Hessian, ``x + a h_i e_i + b h_j e_j``.
 
 A point set is planned once per call signature. ``build`` perturbs a chunk of
 its rows (each leaf copied once per row, steps added along diagonal views or
@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import torch
 
 from ._contract import Contraction, contract
-from ._stencil import Stencil
 
 Leaves = tuple[list[torch.Tensor], list[int | None]]
 Blocks = list[list[torch.Tensor]]
@@ -75,6 +74,9 @@ class PointSet:
     imaginary: bool = False
     shares_leaves: bool = False
     """Whether some chunk passes an unperturbed differentiated leaf as it is."""
+    reach: tuple[int, int] | None = None
+    """The lowest and highest multiple of a step that ``bounds`` must leave room
+    for, if more than the point set's own offsets (``jacfd_adaptive``'s rounds)."""
 
     def rows(self, chunk: Chunk) -> int:
         raise NotImplementedError
@@ -289,121 +291,3 @@ class ColorPoints(AxisPoints):
 
     def direction_steps(self, chunk: Chunk, steps: torch.Tensor) -> torch.Tensor | None:
         return None  # a colour's columns have different steps: divided on decompression
-
-
-class MixedPoints(PointSet):
-    """The points of the full Hessian's 2-D stencils, and their contraction.
-
-    With the first- and second-derivative stencils ``s1``, ``s2`` of the same
-    scheme and order: ``H_ii = sum_a s2_a f(x + a h_i e_i) / h_i**2`` and
-    ``H_ij = sum_{a,b} s1_a s1_b f(x + a h_i e_i + b h_j e_j) / (h_i h_j)``, a
-    product stencil with the same order of accuracy. Rows: the centre, then the
-    axis points for each offset, then for each pair ``i < j`` the products of
-    non-zero offsets (terms with a zero offset reuse axis points). Only static
-    index arithmetic is used, so the tables trace under ``torch.compile``.
-    """
-
-    def __init__(
-        self, n: int, first: Stencil, second: Stencil, device: torch.device, chunk_size: int | None
-    ) -> None:
-        self.n = n
-        w1 = {o: first.weight(o) for o in first.offsets if first.weight(o)}
-        self.w2 = {o: second.weight(o) for o in second.offsets if second.weight(o)}
-        self.w1 = w1
-        self.axis = sorted({o for o in (*w1, *self.w2) if o})
-        self.products = [(a, b) for a in sorted(w1) if a for b in sorted(w1) if b]
-        self.pairs = torch.triu_indices(n, n, 1, device=device)
-        m = self.pairs.shape[1]
-        index = torch.arange(n, device=device)
-        zeros_n = torch.zeros(n, dtype=torch.long, device=device)
-        zero = torch.zeros(1, dtype=torch.long, device=device)
-
-        def tables(axis: list[torch.Tensor], pairs: list[torch.Tensor]) -> torch.Tensor:
-            return torch.cat([zero, *axis, *pairs])
-
-        def full(value: int, size: int) -> torch.Tensor:
-            return torch.full((size,), value, dtype=torch.long, device=device)
-
-        first_pairs = [self.pairs[0]] * len(self.products)
-        self.c1 = tables([index] * len(self.axis), first_pairs)
-        self.m1 = tables([full(a, n) for a in self.axis], [full(a, m) for a, _ in self.products])
-        self.c2 = tables([zeros_n] * len(self.axis), [self.pairs[1]] * len(self.products))
-        self.m2 = tables([zeros_n] * len(self.axis), [full(b, m) for _, b in self.products])
-        total = self.c1.numel() - 1
-        self.chunks = plan_chunks([total], 1, True, chunk_size) if total else [Chunk(0, 0, True)]
-
-    def rows(self, chunk: Chunk) -> int:
-        return int(chunk.with_center) + chunk.count
-
-    def build(
-        self, chunk: Chunk, primals: list[torch.Tensor], steps: list[torch.Tensor]
-    ) -> Leaves:
-        """The leaves at the chunk's rows, perturbed on one flat vector."""
-        h = torch.cat(steps) if len(steps) > 1 else steps[0]
-        start, stop = chunk.start + 1 - int(chunk.with_center), chunk.stop + 1
-        flat = torch.cat([p.reshape(-1).to(h.dtype) for p in primals])
-        batch = flat.expand(stop - start, self.n).clone(memory_format=torch.contiguous_format)
-        base = torch.arange(stop - start, device=flat.device) * self.n
-        for coord, multiple in ((self.c1, self.m1), (self.c2, self.m2)) if self.n else ():
-            c, mm = coord[start:stop], multiple[start:stop]
-            batch.view(-1).index_add_(0, base + c, mm.to(h.dtype) * h[c])
-        leaves, first = [], 0
-        for p in primals:
-            part = batch[:, first : first + p.numel()]
-            leaves.append(
-                torch.unflatten(part, 1, p.shape).to(p.dtype)
-                if p.dim()
-                else part[:, 0].to(p.dtype)
-            )
-            first += p.numel()
-        return leaves, [0] * len(leaves)
-
-    def reduce(
-        self,
-        chunk: Chunk,
-        values: list[torch.Tensor],
-        center: list[torch.Tensor] | None,
-        steps: torch.Tensor,
-    ) -> Blocks:
-        return [values]  # the pairs need the axis points: contracted in finish
-
-    def finish(
-        self, parts: list[Blocks], center: list[torch.Tensor] | None, steps: torch.Tensor
-    ) -> Blocks:
-        joined = super().finish(parts, center, steps)[0] if parts[0][0] else []
-        if center is None:
-            raise AssertionError("the Hessian needs the centre point")
-        blocks = []
-        for k, f0 in enumerate(center):
-            values = joined[k] if joined else f0.new_empty((0, *f0.shape))
-            blocks.append(
-                self._hessian(
-                    values.reshape(values.shape[0], f0.numel()), f0.reshape(-1), steps, f0.shape
-                )
-            )
-        return [blocks]
-
-    def _hessian(
-        self, f: torch.Tensor, f0: torch.Tensor, steps: torch.Tensor, out_shape: torch.Size
-    ) -> torch.Tensor:
-        n, i, j = self.n, self.pairs[0], self.pairs[1]
-        h = steps.to(f.real.dtype if f.is_complex() else f.dtype)[:, None]
-        # Differences from the centre: exactly zero where func ignores an input.
-        axis = {a: f[k * n : (k + 1) * n] - f0 for k, a in enumerate(self.axis)}
-        diagonal = sum(w * axis[a] for a, w in self.w2.items() if a) / (h * h)
-        m = i.numel()
-        start = len(self.axis) * n
-        raw = {a: f[k * n : (k + 1) * n] for k, a in enumerate(self.axis)}
-        mixed = torch.zeros(m, f.shape[1], dtype=f.dtype, device=f.device)
-        for k, (a, b) in enumerate(self.products):
-            # The weights of each offset sum to zero, so the product stencil is that of
-            # the second differences (f(a,b) - f(a,0)) - (f(0,b) - f0): both brackets are
-            # bitwise equal where func ignores x_i, and both zero where it ignores x_j,
-            # so the entry is exactly zero, as the terms with a zero offset are.
-            pair = f[start + k * m : start + (k + 1) * m] - raw[a][i]
-            mixed = mixed + self.w1[a] * self.w1[b] * (pair - axis[b][j])
-        mixed = mixed / (h[i] * h[j])
-        positions = torch.cat([torch.arange(n, device=f.device) * (n + 1), i * n + j, j * n + i])
-        entries = torch.cat([diagonal if n else f0.new_empty(0, f.shape[1]), mixed, mixed])
-        hessian = torch.zeros(n * n, f.shape[1], dtype=f.dtype, device=f.device)
-        return hessian.index_copy(0, positions, entries).reshape(n, n, *out_shape)

@@ -19,10 +19,10 @@ from ._contract import Contraction
 from ._driver import Columns, run_points
 from ._inputs import Argnums, P, wraps
 from ._layout import to_hessian_layout
-from ._plan import Call, Options, Planner, check_options
-from ._points import MixedPoints
+from ._mixed import MixedPoints, MixedStencil
+from ._plan import Call, Options, Planner, PointsFactory, check_options
 from ._random import Randomness
-from ._stencil import Scheme, get_stencil
+from ._stencil import Scheme, Stencil, get_stencil
 from ._steps import Delta, mark_noise
 from ._strategy import StrategyOption as Strategy
 from ._structure import Dense
@@ -290,17 +290,8 @@ def hessfd(
 
     def build(options: Options) -> Planner:
         second = options.stencil
-        sided = "central" if min(second.offsets) < 0 < max(second.offsets) else "forward"
-        first = get_stencil(scheme if sided == "central" else sided, second.accuracy, 1)
-        if min(second.offsets) < 0 and max(second.offsets) <= 0:
-            first = get_stencil("backward", second.accuracy, 1)
-
-        def points(primals: list[Any]) -> tuple[MixedPoints, None]:
-            n = sum(leaf.numel() for leaf in primals)
-            device = primals[0].device
-            return MixedPoints(n, first, second, device, options.chunk_size), None
-
-        return Planner(func, options, points)
+        stencil = MixedStencil.product(first_stencil(second), second)
+        return Planner(func, options, mixed_points(options, [stencil]))
 
     planner = build(options)
     one_sided = OneSided.of(options, build)
@@ -319,3 +310,24 @@ def hessfd(
 
     mark_noise(hessian, options.noise_exponent * second.accuracy_exponent)
     return hessian
+
+
+def first_stencil(second: Stencil) -> Stencil:
+    """The first-derivative stencil of the mixed entries: of the same order, and
+    central, forward or backward as the second-derivative stencil ``second`` is."""
+    offsets = second.offsets
+    sided = "central" if min(offsets) < 0 < max(offsets) else "forward"
+    if min(offsets) < 0 and max(offsets) <= 0:
+        sided = "backward"
+    return get_stencil(sided, second.accuracy, 1)
+
+
+def mixed_points(options: Options, stencils: list[MixedStencil]) -> PointsFactory:
+    """The point set of the full Hessian's ``stencils``, for a :class:`Planner`."""
+
+    def points(primals: list[Any]) -> tuple[MixedPoints, None]:
+        n = sum(leaf.numel() for leaf in primals)
+        device = primals[0].device
+        return MixedPoints(n, stencils, device, options.chunk_size), None
+
+    return points

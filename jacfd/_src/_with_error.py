@@ -195,7 +195,8 @@ def jacfd_with_error(
                 eps = eps.clamp_min(call.noise)
             eps = (eps**options.noise_exponent).to(magnitude.device, magnitude.dtype)
             scale = eps.reshape(-1, *([1] * (magnitude.dim() - 1)))
-            error_blocks.append(spread_block.abs() + ROUNDING_SAFETY * scale * magnitude)
+            # (abs: a step turned towards the room by bounds is negative)
+            error_blocks.append(spread_block.abs() + ROUNDING_SAFETY * scale * magnitude.abs())
         jac = dense.assemble(options, call, columns, 0)
         plan = call.plan
         error = to_torch_func_layout(
