@@ -19,6 +19,7 @@ changed since, and return a wrong Jacobian without a word.
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 import pickle
 import signal
@@ -55,6 +56,43 @@ def start_method() -> str | None:
     return "fork" if sys.platform == "linux" else None
 
 
+class _Pickler(pickle.Pickler):
+    def __init__(self, file: io.BytesIO, common: object) -> None:
+        super().__init__(file, pickle.HIGHEST_PROTOCOL)
+        self.common = common
+
+    def persistent_id(self, obj: object) -> str | None:
+        return "common" if obj is self.common and obj is not None else None
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, common: object) -> None:
+        super().__init__(file)
+        self.common = common
+
+    def persistent_load(self, pid: Any) -> object:
+        return self.common
+
+
+class _Tasks:
+    """The tasks' pickles, less the object they all hold (the job's pickle), which is
+    kept apart once: a large argument of func is not copied once per task."""
+
+    def __init__(self, tasks: Sequence[Any], common: object) -> None:
+        self.common = common
+        self.pickles = []
+        for task in tasks:
+            buffer = io.BytesIO()
+            _Pickler(buffer, common).dump(task)
+            self.pickles.append(buffer.getvalue())
+
+    def __len__(self) -> int:
+        return len(self.pickles)
+
+    def load(self, task: int) -> Any:
+        return _Unpickler(io.BytesIO(self.pickles[task]), self.common).load()
+
+
 class _Board:
     """What the processes of one call share: the next task's number (claimed under a
     lock), and the task each worker took last, to name it if the worker dies."""
@@ -79,7 +117,7 @@ class _Board:
 def _work(
     conn: Connection,
     fn: Callable[[Any], Any],
-    messages: Sequence[bytes],
+    tasks: _Tasks,
     board: _Board,
     me: int,
 ) -> None:
@@ -95,26 +133,26 @@ def _work(
     results: dict[int, bytes] = {}
     task, stage = -1, ""
     try:
-        while (task := board.claim(me)) < len(messages):
+        while (task := board.claim(me)) < len(tasks):
             stage = LOADING
-            loaded = pickle.loads(messages[task])
+            loaded = tasks.load(task)
             stage = EVALUATING
             result = fn(loaded)
             stage = PICKLING
             results[task] = pickle.dumps(result)
         reply = pickle.dumps((True, results))
     except Exception as error:
-        failed = task if 0 <= task < len(messages) else None
+        failed = task if 0 <= task < len(tasks) else None
         failure = (failed, stage, type(error).__name__, str(error), traceback.format_exc())
         reply = pickle.dumps((False, failure))
     conn.send_bytes(reply)
 
 
-def _run_here(fn: Callable[[Any], Any], message: bytes, task: int) -> Any:
+def _run_here(fn: Callable[[Any], Any], tasks: _Tasks, task: int) -> Any:
     """What a worker does with a task, in the caller: the same pickles both ways."""
     stage = LOADING
     try:
-        loaded = pickle.loads(message)
+        loaded = tasks.load(task)
         stage = EVALUATING
         result = fn(loaded)
         stage = PICKLING
@@ -124,11 +162,14 @@ def _run_here(fn: Callable[[Any], Any], message: bytes, task: int) -> Any:
         raise WorkerError(task, stage, what, traceback.format_exc()) from error
 
 
-def run_in_processes(fn: Callable[[Any], Any], tasks: Sequence[Any], count: int) -> list[Any]:
+def run_in_processes(
+    fn: Callable[[Any], Any], tasks: Sequence[Any], count: int, common: object = None
+) -> list[Any]:
     """``[fn(task) for task in tasks]``, by this process and ``min(count, len(tasks)) - 1``
     worker processes made for the call. ``fn`` must be a module-level function (a
-    spawned worker is sent it by name), each task picklable."""
-    messages = [pickle.dumps(task) for task in tasks]  # any pickling error: before a fork
+    spawned worker is sent it by name), each task picklable; ``common``, an object
+    that every task holds, is pickled once."""
+    pickles = _Tasks(tasks, common)  # any pickling error: before a fork
     context: Any = multiprocessing.get_context(start_method())
     workers = min(count, len(tasks)) - 1
     board = _Board(context, workers)
@@ -158,7 +199,7 @@ def run_in_processes(fn: Callable[[Any], Any], tasks: Sequence[Any], count: int)
             mine, theirs = context.Pipe()
             # Not daemonic: func may make processes of its own (a daemon cannot).
             process = context.Process(
-                target=_work, args=(theirs, fn, messages, board, worker), name="jacfd-worker"
+                target=_work, args=(theirs, fn, pickles, board, worker), name="jacfd-worker"
             )
             try:
                 process.start()
@@ -169,7 +210,7 @@ def run_in_processes(fn: Callable[[Any], Any], tasks: Sequence[Any], count: int)
             processes[mine] = (worker, process)
             pending.append(mine)
         while (task := board.claim()) < len(tasks):
-            results[task] = _run_here(fn, messages[task], task)
+            results[task] = _run_here(fn, pickles, task)
             if pending:  # a worker that failed: fail now, not after the caller's tasks
                 for conn in cast("list[Connection]", wait(pending, timeout=0)):
                     collect(conn)

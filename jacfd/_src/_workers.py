@@ -246,7 +246,7 @@ def _mapper(options: Options, job: Job) -> Iterator[tuple[MapLike, Job | bytes]]
         ) from error
     # Processes made for this call alone (see _processes: none is kept for the next).
     count = _worker_count(workers)
-    yield (lambda fn, tasks: run_in_processes(fn, list(tasks), count)), payload
+    yield (lambda fn, tasks: run_in_processes(fn, list(tasks), count, payload)), payload
 
 
 def _describe(points: PointSet, chunk: Chunk, row: int) -> str:
