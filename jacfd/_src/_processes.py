@@ -1,9 +1,9 @@
 """``workers=n``: this process and ``n - 1`` worker processes made for one call.
 
 A ``multiprocessing.Pool`` made per call costs far more than its forks: three handler
-threads, queues behind locks, tensors sent through shared memory (a file and a file
-descriptor passed per tensor, each way), a shutdown that signals and joins it all, and
-the caller idle while its workers start. Here the caller forks ``n - 1`` processes
+threads, queues behind locks, tensors sent through shared memory (a segment and its
+file descriptor passed per tensor, each way), a shutdown that signals and joins it all,
+and the caller idle while its workers start. Here the caller forks ``n - 1`` processes
 (spawns them when CUDA is initialised: a forked child cannot use CUDA) and evaluates
 tasks itself while they start, so that ``n`` processes evaluate, never more. Every
 process takes the next task from a shared counter (a slow task or a late worker idles
@@ -19,6 +19,7 @@ changed since, and return a wrong Jacobian without a word.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import multiprocessing
 import pickle
@@ -125,11 +126,11 @@ def _work(
     sends ``(True, {task: pickle})``, or ``(False, failure)`` at its first failure,
     and returns, which ends the process. Sent at the end, the results never wait for
     the caller, which reads them between its own tasks or after them."""
-    try:  # Ctrl-C is for the caller, which then ends the workers; SIGTERM ends them
+    # Ctrl-C is for the caller, which then ends the workers; SIGTERM ends them. (A
+    # ValueError would mean not the main thread: not in a fresh process.)
+    with contextlib.suppress(ValueError):
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    except ValueError:  # not the main thread (cannot happen in a fresh process)
-        pass
     results: dict[int, bytes] = {}
     task, stage = -1, ""
     try:
@@ -145,7 +146,8 @@ def _work(
         failed = task if 0 <= task < len(tasks) else None
         failure = (failed, stage, type(error).__name__, str(error), traceback.format_exc())
         reply = pickle.dumps((False, failure))
-    conn.send_bytes(reply)
+    with contextlib.suppress(OSError):  # a caller that is gone (killed) needs no reply
+        conn.send_bytes(reply)
 
 
 def _run_here(fn: Callable[[Any], Any], tasks: _Tasks, task: int) -> Any:
