@@ -1,16 +1,15 @@
 """Parallel evaluation: ``workers=`` for a slow black box, ``process_group=`` for an f-bound model.
 
-1. A black box of about 20 ms per call: a 15 ms sleep (an external code waiting on a
+1. A black box of about 20 ms per call: an 18 ms sleep (an external code waiting on a
    licence server or a file system) and a ``scipy.integrate.solve_ivp`` run of a
    stiff-ish oscillator, in numpy. n = 16 inputs, central differences: 32 calls.
-   jacfd serial (``strategy="loop"``), with ``workers=2`` (a pool made per call),
-   with a long-lived ``Pool(2).map``, and scipy's ``approx_derivative`` serial and
-   with ``workers=Pool(2).map`` on the same simulator.
-2. The overhead per task: a function costing nothing, one point per task
-   (``chunk_size=1``), with the long-lived pool.
+   jacfd serial (``strategy="loop"``), with ``workers=2`` (this process and a worker
+   process made for the call), with a long-lived ``Pool(2).map``, and scipy's
+   ``approx_derivative`` serial and with ``workers=Pool(2).map`` on the same simulator.
+2. The overheads: a function costing nothing, per task (the long-lived pool, and
+   ``workers=2``) and per call (``workers=2``: making and joining its worker).
 3. Two gloo ranks (``torch.multiprocessing.spawn``, one thread each) on an f-bound
-   MLP under vmap, against one process with one thread.
-"""
+   MLP under vmap, against one process with one thread."""
 
 from __future__ import annotations
 
@@ -61,6 +60,18 @@ def _median(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(times)
 
 
+def _interleaved(cases: dict[str, Callable[[], Any]], rounds: int) -> dict[str, float]:
+    """Each case's median over ``rounds`` passes over all of them: a burst of load from
+    other processes falls on every case alike."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(seconds) for name, seconds in times.items()}
+
+
 def nothing(p: torch.Tensor) -> torch.Tensor:
     return p.sin()
 
@@ -68,14 +79,15 @@ def nothing(p: torch.Tensor) -> torch.Tensor:
 def black_box_rows(quick: bool) -> list[list[str]]:
     from scipy.optimize._numdiff import approx_derivative
 
-    repeats = 1 if quick else 3
+    rounds = 1 if quick else 5
     p = torch.linspace(0.1, 1.0, N, dtype=torch.float64)
     serial_fn = jacfd(simulate, strategy="loop")
+    simulate(p)  # imports scipy.integrate before any timing
     rows = []
     with multiprocessing.get_context("fork").Pool(2) as pool:
         candidates: dict[str, Callable[[], Any]] = {
             "jacfd, serial": lambda: serial_fn(p),
-            "jacfd, workers=2 (pool per call)": lambda: jacfd(
+            "jacfd, workers=2 (processes per call)": lambda: jacfd(
                 simulate, strategy="loop", workers=2
             )(p),
             "jacfd, workers=Pool(2).map": lambda: jacfd(
@@ -88,32 +100,45 @@ def black_box_rows(quick: bool) -> list[list[str]]:
                 simulate_numpy, p.numpy(), method="3-point", workers=pool.map
             ),
         }
-        times = {name: _median(fn, repeats) for name, fn in candidates.items()}
+        times = _interleaved(candidates, rounds)
         tasks = 2 * N
-        trivial_serial = jacfd(nothing, strategy="loop", chunk_size=1)
-        trivial_pool = jacfd(nothing, strategy="loop", chunk_size=1, workers=pool.map)
-        trivial_fresh = jacfd(nothing, strategy="loop", chunk_size=1, workers=2)
-        serial_small = _median(lambda: trivial_serial(p), 5)
-        pool_small = _median(lambda: trivial_pool(p), 5)
-        fresh_small = _median(lambda: trivial_fresh(p), 3)
+        # A function costing nothing: one point per task (32 tasks), or two tasks.
+        trivial = {
+            "serial, 32 tasks": jacfd(nothing, strategy="loop", chunk_size=1),
+            "Pool(2).map, 32 tasks": jacfd(
+                nothing, strategy="loop", chunk_size=1, workers=pool.map
+            ),
+            "workers=2, 32 tasks": jacfd(nothing, strategy="loop", chunk_size=1, workers=2),
+            "serial, 2 tasks": jacfd(nothing, strategy="loop", chunk_size=N),
+            "workers=2, 2 tasks": jacfd(nothing, strategy="loop", chunk_size=N, workers=2),
+        }
+        small = _interleaved({name: lambda f=f: f(p) for name, f in trivial.items()}, 9)
     base = times["jacfd, serial"]
     scipy_base = times["scipy approx_derivative, serial"]
     for name, seconds in times.items():
         reference = scipy_base if name.startswith("scipy") else base
         speedup = reference / seconds
-        target = "1.7" if name == "jacfd, workers=2 (pool per call)" else "n/a"
+        target = "1.7" if name.startswith("jacfd, workers=2 ") else "n/a"
         met = "n/a" if target == "n/a" else "yes" if speedup >= 1.7 else "**no**"
         rows.append([name, f"{seconds * 1e3:.0f}", f"{speedup:.2f}x", target, met])
+    per_task = (small["Pool(2).map, 32 tasks"] - small["serial, 32 tasks"]) / tasks
+    fresh_per_task = (small["workers=2, 32 tasks"] - small["workers=2, 2 tasks"]) / (tasks - 2)
+    per_call = small["workers=2, 2 tasks"] - small["serial, 2 tasks"]
     overhead = [
         [
             "per task, long-lived Pool(2).map",
-            f"{(pool_small - serial_small) / tasks * 1e3:.2f}",
-            f"{tasks} tasks of one point; (pool - serial) / tasks",
+            f"{per_task * 1e3:.2f}",
+            f"{tasks} tasks of one point; (pool - serial) / {tasks}",
         ],
         [
-            "pool made and shut down per call (workers=2)",
-            f"{(fresh_small - pool_small) * 1e3:.0f}",
-            "once per call",
+            "per task, workers=2",
+            f"{fresh_per_task * 1e3:.2f}",
+            f"(32 tasks - 2 tasks of {N} points) / {tasks - 2}",
+        ],
+        [
+            "processes made and joined per call (workers=2)",
+            f"{per_call * 1e3:.1f}",
+            f"2 tasks of {N} points; workers=2 - serial",
         ],
     ]
     return [
@@ -206,15 +231,17 @@ def distributed_rows(quick: bool) -> list[list[str]]:
 
 NOTES = f"""\
 **Black box** (n = {N}, central: {2 * N} calls of about 20 ms: a {SLEEP * 1e3:.0f} ms sleep
-and a `solve_ivp` van der Pol run), `strategy="loop"`, one median of 3 runs (1 with
-`--quick`). Speed-ups are against the serial run of the same library. **Overhead**: a
-function costing nothing, one point per task. **Distributed**: `jacfd(mlp)` under vmap
-(an MLP {WIDTH} -> {HIDDEN} -> {WIDTH}, {LAYERS} times, float32; {2 * WIDTH} points), two
-gloo ranks spawned by `torch.multiprocessing`, one thread each, against one process with
-one thread; the time is rank 0's median after a barrier, gathering included. Each rank
-evaluates one vmap batch of {WIDTH} points, which is more than twice as fast as one of
-{2 * WIDTH} here (the activations fit in cache): the row with `chunk_size={WIDTH}` is the
-like-for-like baseline, against which the ranks' speed-up is the ratio of the two times."""
+and a `solve_ivp` van der Pol run), `strategy="loop"`, the median of 5 interleaved rounds
+(1 with `--quick`). Speed-ups are against the serial run of the same library.
+`workers=2` evaluates in this process and one worker process forked for the call.
+**Overhead**: a function costing nothing, medians of 9 interleaved rounds. **Distributed**:
+`jacfd(mlp)` under vmap (an MLP {WIDTH} -> {HIDDEN} -> {WIDTH}, {LAYERS} times, float32;
+{2 * WIDTH} points), two gloo ranks spawned by `torch.multiprocessing`, one thread each,
+against one process with one thread; the time is rank 0's median after a barrier,
+gathering included. Each rank evaluates one vmap batch of {WIDTH} points, which is more
+than twice as fast as one of {2 * WIDTH} here (the activations fit in cache): the row with
+`chunk_size={WIDTH}` is the like-for-like baseline, against which the ranks' speed-up is
+the ratio of the two times."""
 
 
 def report(quick: bool) -> str:

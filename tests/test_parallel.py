@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import multiprocessing
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as torch_mp
 
 import jacfd
+from jacfd._src import _processes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,13 +89,16 @@ def test_strategies_bitwise(
 
 
 def test_int_workers_and_every_transform(pool_map: Callable[..., Any]) -> None:
-    assert torch.equal(
-        jacfd.jacfd(vector, strategy="loop", workers=2)(X), jacfd.jacfd(vector, strategy="loop")(X)
-    )
+    for workers in (2, -1):
+        assert torch.equal(
+            jacfd.jacfd(vector, strategy="loop", workers=workers)(X),
+            jacfd.jacfd(vector, strategy="loop")(X),
+        )
     loop: dict[str, Any] = {"strategy": "loop", "workers": pool_map}
     for transform in (jacfd.hessfd, jacfd.hessdiagfd, jacfd.laplacianfd):
         serial = transform(lambda_free_scalar, strategy="loop")(X)
         assert torch.equal(transform(lambda_free_scalar, **loop)(X), serial)
+        assert torch.equal(transform(lambda_free_scalar, strategy="loop", workers=2)(X), serial)
     with_error = jacfd.jacfd_with_error(vector, **loop)(X)
     assert all(
         torch.equal(a, b)
@@ -164,6 +170,108 @@ def test_failures_name_the_point(pool_map: Callable[..., Any]) -> None:
         jacfd.hessfd(vector, process_group="world")
     with pytest.raises(ValueError, match=r"torch\.func transform"):
         torch.func.vmap(jacfd.jacfd(vector, workers=pool_map))(X[None])
+
+
+# ---- workers=n: this process and n - 1 made for the call ----
+
+CALLER = os.getpid()  # the process that calls the transforms (inherited by a fork)
+SCALE = 1.0
+
+
+def slow_scaled(x: torch.Tensor) -> torch.Tensor:
+    time.sleep(0.01)  # long enough that the worker evaluates some of the points
+    return SCALE * vector(x)
+
+
+def dies_in_a_worker(x: torch.Tensor) -> torch.Tensor:
+    if os.getpid() != CALLER:
+        os._exit(3)
+    time.sleep(0.1)  # the worker starts, and claims a task, meanwhile
+    return x.sin()
+
+
+def interrupted_in_the_caller(x: torch.Tensor) -> torch.Tensor:
+    if os.getpid() == CALLER:
+        time.sleep(0.1)  # the worker starts, and is evaluating, meanwhile
+        raise KeyboardInterrupt
+    time.sleep(0.05)
+    return x.sin()
+
+
+def unpicklable_aux(x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    local = collections.namedtuple("local", "cos")  # a class that pickle cannot find
+    return x.sin(), local(x.cos())
+
+
+WEIGHT = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 36, dtype=torch.float64).reshape(6, 6))
+
+
+def with_a_parameter(x: torch.Tensor) -> torch.Tensor:
+    return WEIGHT @ x.sin()
+
+
+def _our_workers() -> list[Any]:
+    return [p for p in multiprocessing.active_children() if p.name == "jacfd-worker"]
+
+
+def test_workers_see_each_calls_globals(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers are made per call: a module global changed between calls is seen."""
+    serial = jacfd.jacfd(slow_scaled, strategy="loop")(X)
+    assert torch.equal(jacfd.jacfd(slow_scaled, strategy="loop", workers=2)(X), serial)
+    monkeypatch.setattr(sys.modules[__name__], "SCALE", 2.0)
+    doubled = jacfd.jacfd(slow_scaled, strategy="loop", workers=2)(X)
+    assert torch.equal(doubled, jacfd.jacfd(slow_scaled, strategy="loop")(X))
+    assert torch.equal(doubled, 2 * serial)
+    assert not _our_workers()
+
+
+def test_no_worker_outlives_a_failing_call() -> None:
+    x = torch.tensor([0.0, 0.0, 0.5], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"x \+ h along element 2 .*simulator diverged"):
+        jacfd.jacfd(failing, strategy="loop", delta=0.25, workers=2)(x)
+    assert not _our_workers()
+    with pytest.raises(RuntimeError, match=r"workers=2\): at the stencil points from .*exited"):
+        jacfd.jacfd(dies_in_a_worker, strategy="loop", workers=2)(X)
+    assert not _our_workers()
+    with pytest.raises(KeyboardInterrupt):
+        jacfd.jacfd(interrupted_in_the_caller, strategy="loop", workers=2)(X)
+    assert not _our_workers()
+    with pytest.raises(TypeError, match=r"(?s)pickling its result .*class defined inside func"):
+        jacfd.jacfd(unpicklable_aux, has_aux=True, strategy="loop", workers=2)(X)
+    assert not _our_workers()
+
+
+def waits_for_a_worker(x: torch.Tensor, flag: str, caller: int) -> torch.Tensor:
+    """In the caller, waits until a worker has evaluated a point: so that the spawned
+    worker, slow to start, evaluates some of them."""
+    if os.getpid() == caller:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(flag) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    else:
+        Path(flag).touch()
+    return vector(x)
+
+
+def test_values_come_back_plain(pool_map: Callable[..., Any]) -> None:
+    """func using a parameter: every map gives the serial values, without a graph (a
+    pickled tensor would come back a leaf that requires grad, its graph cut)."""
+    serial = jacfd.jacfd(with_a_parameter, strategy="loop")(X)
+    with ThreadPoolExecutor(2) as executor:
+        for workers in (2, pool_map, executor.map):
+            parallel = jacfd.jacfd(with_a_parameter, strategy="loop", workers=workers)(X)
+            assert torch.equal(parallel, serial.detach()) and not parallel.requires_grad
+
+
+def test_spawned_workers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The start method once CUDA is initialised (a forked child cannot use CUDA)."""
+    monkeypatch.setattr(_processes, "start_method", lambda: "spawn")
+    flag = str(tmp_path / "a worker evaluated")
+    kwargs = {"flag": flag, "caller": os.getpid()}
+    parallel = jacfd.jacfd(waits_for_a_worker, strategy="loop", workers=2)(X, **kwargs)
+    assert os.path.exists(flag)
+    assert torch.equal(parallel, jacfd.jacfd(waits_for_a_worker, strategy="loop")(X, **kwargs))
+    assert not _our_workers()
 
 
 # ---- torch.distributed: ranks spawned once per world size ----

@@ -1,4 +1,4 @@
-"""A slow black box differentiated by a pool of worker processes.
+"""A slow black box differentiated by worker processes.
 
 Run with ``python docs/scripts/workers_example.py``. func must be defined at module
 level (worker processes are sent it by name), and a script that makes processes
@@ -31,7 +31,8 @@ def main() -> None:
     serial_time = time.perf_counter() - start
 
     start = time.perf_counter()
-    pooled = jacfd.jacfd(simulator, strategy="loop", workers=2)(params)  # a pool per call
+    # Two processes: this one, and a worker forked for this call and joined after it.
+    pooled = jacfd.jacfd(simulator, strategy="loop", workers=2)(params)
     pooled_time = time.perf_counter() - start
 
     with multiprocessing.Pool(2) as pool:  # long-lived: made once, used by many calls

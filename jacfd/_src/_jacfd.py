@@ -125,9 +125,10 @@ def jacfd(
             function's own batch axis.
         workers: Where the stencil points are evaluated, as in scipy's
             ``approx_derivative``: ``None`` (default) in this process; an int
-            ``n``, a pool of ``n`` worker processes (``-1``: one per core), made
-            and shut down by this call (``func`` and its arguments must be
-            picklable: no lambda or closure); or any map-like callable, called
+            ``n``, by ``n`` processes (``-1``: one per core): this one and
+            ``n - 1`` worker processes made for this call and joined before it
+            returns (``func`` and its arguments must be picklable: no lambda or
+            closure); or any map-like callable, called
             as ``workers(fn, tasks)``, e.g. a long-lived ``Pool(4).map`` or
             ``ThreadPoolExecutor(4).map``. Each task is a chunk of
             ``chunk_size`` points (default: about four tasks per worker),

@@ -63,7 +63,7 @@ class Options:
     """func's values are accurate to ~eps**noise_exponent: 1, or less if func was
     itself made by jacfd."""
     workers: Workers = None
-    """Where the chunks are evaluated: here (None), a pool of processes, or a map."""
+    """Where the chunks are evaluated: here (None), n processes, or a map."""
     process_group: Any = None
     """A ``torch.distributed`` group sharing the chunks among its ranks, or None."""
     rule: StepRule | None = None

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import builtins
 import math
-import multiprocessing
 import os
 import pickle
 import threading
@@ -27,6 +26,7 @@ import torch
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.utils._pytree import tree_flatten, tree_map, tree_map_only
 
+from ._processes import LOADING, PICKLING, WorkerError, run_in_processes
 from ._random import GeneratorWatch, Randomness, RandomState, rng_for
 from ._strategy import Loop, Strategy, evaluate
 
@@ -48,6 +48,20 @@ PICKLE_HINT = (
     "workers=concurrent.futures.ThreadPoolExecutor(4).map, which needs no pickling."
 )
 
+HINTS = {
+    LOADING: (
+        "A spawned worker (made when CUDA is initialised) imports func by name: define it "
+        "in a module, or in a script under `if __name__ == '__main__':`, not in an "
+        "interactive session; or pass a thread pool's map, e.g. "
+        "workers=concurrent.futures.ThreadPoolExecutor(4).map."
+    ),
+    PICKLING: (
+        "func's outputs (and aux) come back from the worker processes pickled: return "
+        "tensors in containers pickle can rebuild (not a class defined inside func), or "
+        "pass a thread pool's map, e.g. workers=concurrent.futures.ThreadPoolExecutor(4).map."
+    ),
+}
+
 
 def check_workers(name: str, workers: object) -> Workers:
     """Validates ``workers=``: None, a positive int or -1, or a map-like callable."""
@@ -58,13 +72,13 @@ def check_workers(name: str, workers: object) -> Workers:
         if hasattr(workers, "map"):
             hint = f" Pass its map method: workers={type(workers).__name__}(...).map."
         raise TypeError(
-            f"{name}(func, workers={workers!r}): workers must be None, an int (a pool of "
-            f"that many processes; -1 for all cores) or a map-like callable "
+            f"{name}(func, workers={workers!r}): workers must be None, an int (that many "
+            f"processes evaluate, this one included; -1 for all cores) or a map-like callable "
             f"workers(fn, iterable).{hint}"
         )
     if workers == 0 or workers < -1:
         raise ValueError(
-            f"{name}(func, workers={workers}): the number of worker processes must be "
+            f"{name}(func, workers={workers}): the number of processes must be "
             "positive, or -1 for all cores; use workers=None to evaluate in this process."
         )
     return workers
@@ -180,6 +194,10 @@ def run_task(task: Task) -> Result:
             worker_traceback=traceback.format_exc(),
         )
     end = rng.end if isinstance(rng, RandomState) and job.starts is not None else None
+    # Plain values, whichever map ran the task: a tensor in an autograd graph (func
+    # using a parameter) would come back from a pickle as a leaf that requires grad,
+    # its graph silently cut, or not at all (torch.multiprocessing refuses it).
+    outputs = tree_map_only(torch.Tensor, torch.Tensor.detach, outputs)
     return Result(task.index, task.start, outputs, end)
 
 
@@ -226,12 +244,9 @@ def _mapper(options: Options, job: Job) -> Iterator[tuple[MapLike, Job | bytes]]
             f"{name}(func, workers={workers}): func or its arguments cannot be pickled to "
             f"be sent to worker processes: {error}\n{PICKLE_HINT}"
         ) from error
-    # Forking is cheap (the pool is made per call) and needs func importable by
-    # no one; CUDA cannot be used in a forked child, so then workers are spawned.
-    method = "spawn" if torch.cuda.is_initialized() else None  # type: ignore[no-untyped-call]
-    context = multiprocessing.get_context(method)
-    with context.Pool(_worker_count(workers)) as pool:
-        yield (lambda fn, tasks: pool.map(fn, list(tasks), chunksize=1)), payload
+    # Processes made for this call alone (see _processes: none is kept for the next).
+    count = _worker_count(workers)
+    yield (lambda fn, tasks: run_in_processes(fn, list(tasks), count, payload)), payload
 
 
 def _describe(points: PointSet, chunk: Chunk, row: int) -> str:
@@ -278,6 +293,23 @@ def _raise_failure(options: Options, points: PointSet, result: Result) -> None:
                 raise
             raise RuntimeError(message) from unexpected
     raise RuntimeError(message)
+
+
+def _raise_lost(
+    options: Options, points: PointSet, tasks: list[Task], failed: WorkerError
+) -> None:
+    """A task whose worker died, or whose pickle or result's pickle failed."""
+    where = ""
+    if failed.task is not None:
+        task = tasks[failed.task]
+        first = _describe(points, points.chunks[task.index], task.start)
+        where = f"at the stencil points from {first}, "
+    message = f"{options.name}(func, {_named(options.workers)}): {where}{failed.what}"
+    if failed.worker_traceback:
+        message += f"\nThe traceback:\n{failed.worker_traceback}"
+    if failed.stage in HINTS:
+        raise TypeError(f"{message}\n{HINTS[failed.stage]}") from None
+    raise RuntimeError(message) from None
 
 
 def evaluate_in_parallel(
@@ -353,6 +385,8 @@ def evaluate_in_parallel(
             payloads.append(Task(shipped, index, start, stop, part, list(in_dims)))
         try:
             results = list(mapping(run_task, payloads))
+        except WorkerError as failed:
+            _raise_lost(options, points, payloads, failed)
         except (pickle.PicklingError, AttributeError, TypeError) as error:
             if "pickle" not in str(error):
                 raise
