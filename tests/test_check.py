@@ -568,6 +568,23 @@ def test_delta() -> None:
             check_grad(f, x, delta=bad)
 
 
+def test_a_step_beyond_the_taylor_region_fails() -> None:
+    """b0 = 1e-5 with t up to 2e5: the automatic step is 0.6 of b0, and
+    jacfd_with_error marks that column's error inf. Its entries cannot pass (the
+    tolerance is NaN, not inf); a step relative to b0 checks them."""
+    t = torch.linspace(0, 2e5, 50, dtype=torch.float64)
+    b = torch.tensor([1e-5, 1e3], dtype=torch.float64)
+
+    def decay(b: torch.Tensor) -> torch.Tensor:
+        return b[1] * torch.exp(-b[0] * t)
+
+    report = check_grad(decay, b)
+    assert not report.passed
+    assert report.pairs[0].failures == 50 and report.pairs[0].max_rel_error > 1e-4
+    assert all(math.isnan(entry.tolerance) for entry in report.pairs[0].worst)
+    assert check_grad(decay, b, delta=b.abs() * 1e-6).passed
+
+
 def test_relative_error_of_zero_entries() -> None:
     """Entries that are exactly zero (autograd) and rounding noise (finite
     differences) have no relative error to speak of: the report says 0."""

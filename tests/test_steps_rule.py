@@ -108,6 +108,73 @@ def test_default_step_on_nist_hahn1_and_typical() -> None:
     assert digits(jacfd(residual)) < 4
 
 
+def lanczos1() -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+    """NIST's Lanczos1: exponentials fitted to 1e-13, so the residual cancels to
+    ~1e-13 of the model's terms at the certified parameters."""
+    data = NIST["Lanczos1"]
+    x = torch.tensor([float(v) for v in data["x"][0].split()], dtype=F64)
+    y = torch.tensor([float(v) for v in data["y"].split()], dtype=F64)
+
+    def residual(b: torch.Tensor) -> torch.Tensor:
+        terms = b[0::2, None] * torch.exp(-b[1::2, None] * x)
+        return terms.sum(0) - y
+
+    return residual, torch.tensor([float(c) for c in data["certified"]], dtype=F64)
+
+
+def test_with_error_sees_hahn1_b7() -> None:
+    """Hahn1's b7 column: the steps h and 2h (50 and 100 times b7) both cross the
+    pole of the model, so their spread says nothing; the Taylor check marks the
+    column inf, at the start and at the solution. Every other entry is bounded too."""
+    residual, certified, start = hahn1()
+    for b in (torch.tensor(start, dtype=F64), certified):
+        ref = torch.func.jacrev(residual)(b)
+        J, err = jacfd_with_error(residual)(b)
+        assert bool(((J - ref).abs() <= err).all())
+        assert bool(torch.isinf(err[:, 6]).all())
+        assert bool(torch.isfinite(err[:, :5]).all())
+
+
+def test_with_error_rounding_of_a_cancelling_residual() -> None:
+    """|f| is ~1e-13 of the terms that cancel in it: the rounding bound counts the
+    largest term |x_j J_ij| and the measured 4th differences instead."""
+    residual, certified = lanczos1()
+    ref = torch.func.jacrev(residual)(certified)
+    J, err = jacfd_with_error(residual)(certified)
+    assert bool(((J - ref).abs() <= err).all())
+    assert bool(torch.isfinite(err).all())
+    assert float((err / ref.abs().amax(0)).max()) < 1e-8  # still a useful estimate
+
+
+@pytest.mark.parametrize(
+    ("func", "x"),
+    [
+        (lambda x: (x**2).sum(), torch.zeros(3, dtype=F64)),  # a minimum: gradient 0
+        (lambda x: x**3, torch.zeros(2, dtype=F64)),  # f' = f'' = 0
+        (lambda x: x**2 + x[0] * 1e-30, torch.zeros(2, dtype=F64)),
+        (lambda x: torch.sin(x) * 1e-20, torch.tensor([0.0, 1.0], dtype=F64)),
+    ],
+)
+def test_with_error_taylor_check_without_false_alarms(
+    func: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
+) -> None:
+    """Vanishing derivatives fail one of the two decay checks, not both: the
+    estimate stays finite and bounds the error."""
+    J, err = jacfd_with_error(func)(x)
+    assert bool(torch.isfinite(err).all())
+    assert bool(((J - torch.func.jacrev(func)(x)).abs() <= err).all())
+
+
+def test_with_error_marks_the_tiny_parameter_inf() -> None:
+    """b0 = 1e-5 with t up to 2e5: the default step (0.6 of b0) is beyond the
+    Taylor region of exp(-b0 t); with typical= the column is estimated again."""
+    J, err = jacfd_with_error(decay)(B)
+    assert bool(torch.isinf(err[:, 0]).all()) and bool(torch.isfinite(err[:, 1]).all())
+    J, err = jacfd_with_error(decay, typical=B.abs())(B)
+    assert bool(torch.isfinite(err).all())
+    assert float(err[:, 0].max() / J[:, 0].abs().max()) < 1e-8
+
+
 def test_typical_pytree_and_errors() -> None:
     f = lambda p: p["a"] * torch.exp(-p["k"] * T)  # noqa: E731
     p = {"a": torch.tensor(1e3, dtype=F64), "k": torch.tensor(1e-5, dtype=F64)}

@@ -280,7 +280,11 @@ class _CheckedCall:
                     process_group=self.process_group,
                 )(*points)
             blocks: list[torch.Tensor] = [j.detach() for j in tree_flatten(jac)[0]]
-            errors: list[torch.Tensor] = tree_flatten(err)[0]
+            # An infinite estimate (the step reaches beyond func's Taylor region) must
+            # not pass as an infinite tolerance: NaN fails every comparison.
+            errors: list[torch.Tensor] = [
+                torch.where(e == math.inf, math.nan, e) for e in tree_flatten(err)[0]
+            ]
             return blocks, errors
 
         def run_or_with_grad(
