@@ -22,6 +22,14 @@ measurements behind the value are in ``docs/checking.md`` (How the tolerance is
 set) and ``tests/test_check.py::test_directions_agree_with_entries_on_the_zoo``."""
 
 
+UNKNOWN_TOLERANCE = (
+    "tolerance nan: the finite difference's step reaches beyond the region where func "
+    "is close to its Taylor polynomial (an input much smaller than 1 that func scales "
+    "up, or a kink), so it cannot check these entries. Pass steps on the inputs' own "
+    "scale, e.g. delta=x.abs() * 1e-6 (a tensor, or a pytree like the inputs)."
+)
+
+
 class GradCheckError(AssertionError):
     """Raised by ``check_grad(..., raise_error=True)`` when an entry fails.
 
@@ -193,4 +201,6 @@ class GradCheckReport:
                     f"  {e.output_index!s:<16} {e.input_index!s:<16} {e.autograd:>14.6e} "
                     f"{e.finite_difference:>14.6e} {e.error:>12.3e} {e.tolerance:>10.3e}{mark}"
                 )
+        if any(math.isnan(e.tolerance) for pair in shown for e in pair.worst):
+            lines += ["", UNKNOWN_TOLERANCE]
         return "\n".join(lines)
