@@ -134,6 +134,35 @@ def mlp_rows(dtype: torch.dtype, quick: bool) -> list[Row]:
     return rows
 
 
+def large_rows(dtype: torch.dtype, quick: bool) -> list[Row]:
+    """Issue 11's large case: a square MLP where ``f`` on the stacked batch takes
+    milliseconds, so the engine's fixed cost should vanish beside it."""
+    torch.manual_seed(0)
+    n = 64 if quick else 512
+    model = (
+        torch.nn.Sequential(torch.nn.Linear(n, n), torch.nn.Tanh(), torch.nn.Linear(n, n))
+        .to(dtype)
+        .requires_grad_(False)
+    )
+    x = torch.randn(n, dtype=dtype)
+    stacked = torch.randn(n + 1, n, dtype=dtype)
+    transform = jacfd(model, scheme="forward", strategy="batched")
+    timings = measure_alternating(
+        {"f": lambda: model(stacked), "jacfd": lambda: transform(x)}, quick
+    )
+    case = f"square MLP {n}-{n}-{n}, {str(dtype).removeprefix('torch.')}"
+    return [
+        Row(
+            case,
+            'jacfd(scheme="forward", strategy="batched")',
+            timings["jacfd"],
+            f"f on the stacked batch ({n + 1}, {n})",
+            timings["f"],
+            1.10,
+        )
+    ]
+
+
 def predecessor_rows(quick: bool) -> list[Row]:
     """``timetest.py``'s first two functions, at its inputs and steps."""
 
@@ -228,6 +257,7 @@ def report(quick: bool) -> str:
     try:
         rows = [*mlp_rows(torch.float32, quick), *mlp_rows(torch.float64, quick)]
         rows += predecessor_rows(quick)
+        rows += [*large_rows(torch.float32, quick), *large_rows(torch.float64, quick)]
     finally:
         torch.set_num_threads(threads)
     header = [
