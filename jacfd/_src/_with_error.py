@@ -294,7 +294,7 @@ def _cancelled_rounding(
     less prone than one entry's to a rounding that happens to follow a line.
     """
     shape = (-1, *([1] * (jac.dim() - 1)))
-    h = steps.to(jac).reshape(shape)
+    h = steps.to(jac).abs().reshape(shape)  # (a step turned by bounds is negative)
     # A column that is not finite (func NaN at one point) leaves the others alone.
     terms = (x.to(jac).reshape(shape) * jac).abs().nan_to_num(0.0, 0.0, 0.0).amax(0)
     rounding = torch.maximum(rounding, TERM_SAFETY * eps.reshape(shape) * weight_sum * terms / h)
