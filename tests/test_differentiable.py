@@ -333,6 +333,17 @@ def test_typical_and_bounds_tensors_and_pytrees(compiled: bool) -> None:
     torch.testing.assert_close(along, reference, rtol=1e-13, atol=0)
 
 
+def test_delta_as_a_pytree_like_the_arguments() -> None:
+    """delta as jacfd takes it (a pytree like the differentiated arguments, here a
+    tensor and a dict): the same v^T J as jacfd's Jacobian with that delta."""
+    c = {"s": C["s"] + 0.1}  # away from the square root's kink at 0
+    delta = (B.abs() * 1e-6, {"s": c["s"] * 1e-6})
+    jac = jacfd(decay_and_root, (0, 1), delta=delta)(B, c)
+    b, s = _leaves(B, c)
+    (differentiable(decay_and_root, delta=delta)(b, {"s": s}) @ V).backward()
+    torch.testing.assert_close((b.grad, s.grad), (V @ jac[0], V @ jac[1]["s"]), rtol=1e-13, atol=0)
+
+
 def test_typical_and_bounds_with_argnums() -> None:
     """argnums=1: a pytree like that argument (bare, as jacfd takes it); one
     differentiated tensor: a tensor. A mismatch names differentiable."""

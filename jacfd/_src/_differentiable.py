@@ -119,10 +119,11 @@ class Differentiable:
         flat = _Flat(func, template, tensor_at, spec)
         differentiated = [tensor_at[k] for k in wrt]
         options = dict(self.options)
-        if options.get("typical") is not None:
-            options["typical"] = _per_input(
-                "typical", options["typical"], spec, num_args, self.argnums, differentiated
-            )
+        for option in ("delta", "typical"):
+            if options.get(option) is not None:
+                options[option] = _per_input(
+                    option, options[option], spec, num_args, self.argnums, differentiated
+                )
         if options.get("bounds") is not None:
             options["bounds"] = tuple(
                 _per_input("bounds", side, spec, num_args, self.argnums, differentiated)
@@ -306,11 +307,11 @@ def differentiable(
             differentiated tensors' elements (flattened in order) and all outputs'.
         batch_dim: As in :func:`jacfd`: func's samples along this dimension of
             every differentiated input and every output do not interact.
-        **options: :func:`jacfd`'s ``typical``, ``noise``, ``bounds`` (floats for
+        **options: :func:`jacfd`'s ``delta``, ``typical``, ``bounds`` (floats for
             every differentiated element, or tensors and pytrees like the
             differentiated arguments, as in :func:`jacfd`; with ``argnums=None``
             like ``args``, or ``(args, kwargs)`` when keyword tensors are
-            differentiated), ``delta``, ``scheme``, ``order``,
+            differentiated), ``noise``, ``scheme``, ``order``,
             ``chunk_size`` (bounds the points evaluated at once in a backward; a
             dense backward never holds more than a chunk's columns), ``randomness``
             and ``strategy``,
