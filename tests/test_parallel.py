@@ -355,3 +355,33 @@ def test_workers_example() -> None:
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "the same Jacobian" in done.stdout
+
+
+FORK_AFTER_THREADS = """
+import torch
+from jacfd import jacfd
+torch.set_num_threads(2)
+big = torch.randn(2000, 2000)
+(big @ big).sum()  # the caller's OpenMP threads are up before the fork
+weights = torch.randn(200_000, dtype=torch.float64)
+def f(x):  # a reduction over 200k elements: a parallel kernel in every evaluation
+    return (torch.tanh(weights * x.sum()) * weights).sum().reshape(1) * x
+x = torch.linspace(0.1, 0.8, 4, dtype=torch.float64)
+shared = jacfd(f, strategy="loop", workers=2)(x)
+assert torch.get_num_threads() == 2  # the caller's threads are back
+torch.set_num_threads(1)  # every process evaluates with one thread: the same bits
+assert torch.equal(shared, jacfd(f, strategy="loop")(x))
+print("ok")
+"""
+
+
+def test_forked_workers_after_the_caller_used_threads() -> None:
+    """A forked child hangs in its first parallel kernel once the caller has used
+    torch's OpenMP threads; every process of the call evaluates with one thread,
+    so the values equal serial evaluation with one thread, whichever process took
+    which task (in a subprocess, so that a regression fails on the timeout
+    instead of hanging the suite)."""
+    done = subprocess.run(
+        [sys.executable, "-c", FORK_AFTER_THREADS], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -133,8 +133,10 @@ def jacfd(
             ``ThreadPoolExecutor(4).map``. Each task is a chunk of
             ``chunk_size`` points (default: about four tasks per worker),
             evaluated by ``strategy`` in the worker; the result is bitwise that
-            of ``workers=None`` with the same ``chunk_size``. Results carry no
-            autograd graph through ``func``. See :doc:`parallel`.
+            of ``workers=None`` with the same ``chunk_size`` (with an int, every
+            process evaluates with one torch thread: where func's values depend
+            on the thread count, that of one thread). Results carry no autograd
+            graph through ``func``. See :doc:`parallel`.
         process_group: A ``torch.distributed`` process group (e.g.
             ``torch.distributed.group.WORLD``) to share the points among: every
             rank calls with the same arguments, evaluates its share of the

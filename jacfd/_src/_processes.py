@@ -5,7 +5,8 @@ threads, queues behind locks, tensors sent through shared memory (a segment and 
 file descriptor passed per tensor, each way), a shutdown that signals and joins it all,
 and the caller idle while its workers start. Here the caller forks ``n - 1`` processes
 (spawns them when CUDA is initialised: a forked child cannot use CUDA) and evaluates
-tasks itself while they start, so that ``n`` processes evaluate, never more. Every
+tasks itself while they start, so that ``n`` processes evaluate, never more, each with
+one intra-op thread (the caller's is restored after the call). Every
 process takes the next task from a shared counter (a slow task or a late worker idles
 no other) and runs it from its pickle; a worker sends back the pickle of all its
 results when no task is left, and exits. The caller joins every worker before it
@@ -131,6 +132,10 @@ def _work(
     with contextlib.suppress(ValueError):
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # One intra-op thread, as DataLoader workers have: the n processes share the cores,
+    # and a forked child hangs in its first parallel kernel if the caller had used
+    # torch's OpenMP threads (that pool does not survive a fork).
+    torch.set_num_threads(1)
     results: dict[int, bytes] = {}
     task, stage = -1, ""
     try:
@@ -196,7 +201,11 @@ def run_in_processes(
         for task, result in value.items():
             results[task] = pickle.loads(result)
 
+    threads = torch.get_num_threads()
     try:
+        # The caller evaluates with one thread too, so that a task's values do not
+        # depend on which process took it (the threads split large reductions).
+        torch.set_num_threads(1)
         for worker in range(workers):
             mine, theirs = context.Pipe()
             # Not daemonic: func may make processes of its own (a daemon cannot).
@@ -221,6 +230,7 @@ def run_in_processes(
                 collect(conn)
         finished = True
     finally:
+        torch.set_num_threads(threads)
         for _, process in processes.values():
             if not finished and process.exitcode is None:
                 process.terminate()  # a call that failed: its work is not needed
