@@ -24,9 +24,11 @@ set) and ``tests/test_check.py::test_directions_agree_with_entries_on_the_zoo``.
 
 UNKNOWN_TOLERANCE = (
     "tolerance nan: the finite difference's step reaches beyond the region where func "
-    "is close to its Taylor polynomial (an input much smaller than 1 that func scales "
-    "up, or a kink), so it cannot check these entries. Pass steps on the inputs' own "
-    "scale, e.g. delta=x.abs() * 1e-6 (a tensor, or a pytree like the inputs)."
+    "is close to its Taylor polynomial, so it cannot check these entries: an input much "
+    "smaller than 1 that func scales up (pass steps on the inputs' own scale, e.g. "
+    "delta=x.abs() * 1e-6, a tensor or a pytree like the inputs), or a kink (relu, "
+    "max-pool) within a step of x (check in float64, where the steps are smaller, or "
+    "at another x)."
 )
 
 
