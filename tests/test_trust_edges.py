@@ -14,7 +14,16 @@ import pytest
 import torch
 from torch.func import hessian, jacfwd, jacrev, vmap
 
-from jacfd import hessdiagfd, hessfd, jacfd, jacfd_with_error, jvpfd, laplacianfd
+from jacfd import (
+    hessdiagfd,
+    hessfd,
+    hessfd_with_error,
+    jacfd,
+    jacfd_adaptive,
+    jacfd_with_error,
+    jvpfd,
+    laplacianfd,
+)
 
 F64 = torch.float64
 
@@ -202,6 +211,10 @@ def test_zero_size_second_derivatives(func: Callable[..., Any], x: torch.Tensor)
     _assert_like(hessdiagfd(func)(x), jacrev(jacrev(func))(x).diagonal(dim1=-2, dim2=-1))
     lap = jacrev(jacrev(func))(x).diagonal(dim1=-2, dim2=-1).sum(-1)
     _assert_like(laplacianfd(func)(x), lap)
+    for part, want in (("full", hessian(func)(x)), ("laplacian", lap)):
+        value, error = hessfd_with_error(func, part=part, bounds=(-5.0, 5.0))(x)  # type: ignore[arg-type]
+        _assert_like(value, want)
+        _assert_like(error, want)
 
 
 def test_zero_size_hessian_of_one_empty_argument() -> None:
@@ -248,6 +261,10 @@ def test_zero_size_first_derivatives(func: Callable[..., Any], x: torch.Tensor) 
     J, error = jacfd_with_error(func)(x)
     _assert_like(J, want)
     _assert_like(error, want)
+    for options in ({}, {"rtol": 1e-3}, {"bounds": (-5.0, 5.0)}):
+        J, error, _ = jacfd_adaptive(func, **options)(x)  # type: ignore[arg-type]
+        _assert_like(J, want)
+        _assert_like(error, want)
     out, tangent = jvpfd(func, (x,), (torch.ones_like(x),))
     want_out, want_tangent = torch.func.jvp(func, (x,), (torch.ones_like(x),))
     _assert_like(out, want_out)
