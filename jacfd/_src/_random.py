@@ -39,18 +39,12 @@ class RandomState:
 
     def __init__(self, devices: Sequence[torch.device]) -> None:
         self.cuda_indices = sorted({d.index or 0 for d in devices if d.type == "cuda"})
-        start = self._read()
+        start = _read_states(self.cuda_indices)
         self.starts: dict[torch.device, torch.Tensor] = {_CPU: start[0]}
         for index, state in zip(self.cuda_indices, start[1:]):
             self.starts[torch.device("cuda", index)] = state
         self.end: dict[torch.device, torch.Tensor] | None = None
         self.advanced = False
-
-    def _read(self) -> list[torch.Tensor]:
-        cpu = torch.default_generator.get_state()  # (torch.get_rng_state adds a wrapper)
-        if not self.cuda_indices:
-            return [cpu]
-        return [cpu] + [torch.cuda.get_rng_state(i) for i in self.cuda_indices]
 
     @contextmanager
     def replay(self, where: str) -> Iterator[None]:
@@ -100,14 +94,21 @@ class RandomState:
 _CPU = torch.device("cpu")
 
 
+def _read_states(cuda_indices: Sequence[int]) -> list[torch.Tensor]:
+    """The CPU generator's state, then those of the CUDA devices ``cuda_indices``."""
+    cpu = torch.default_generator.get_state()  # (torch.get_rng_state adds a wrapper)
+    return [cpu, *(torch.cuda.get_rng_state(i) for i in cuda_indices)]
+
+
+def _state_bytes(state: torch.Tensor) -> bytes:
+    """A generator state's bytes: ``get_state()`` returns a fresh, contiguous CPU byte
+    tensor, and comparing its bytes is 4x faster than ``torch.equal`` on the 5 KB
+    of a CPU generator, which the default ``randomness="error"`` reads every call."""
+    return ctypes.string_at(state.data_ptr(), state.nbytes)
+
+
 def _same_state(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two generator states (contiguous CPU byte tensors) are equal: their
-    bytes compared directly, 4x faster than ``torch.equal`` on the 5 KB of a CPU
-    generator, which the default ``randomness="error"`` reads on every call."""
-    size = a.nbytes  # get_state() always returns a fresh, contiguous CPU tensor
-    return size == b.nbytes and ctypes.string_at(a.data_ptr(), size) == ctypes.string_at(
-        b.data_ptr(), size
-    )
+    return _state_bytes(a) == _state_bytes(b)
 
 
 def _default_generator(device: torch.device) -> torch.Generator:
@@ -233,13 +234,7 @@ class GeneratorWatch:
         self.start = self._snapshot()
 
     def _snapshot(self) -> bytes:
-        # get_state() returns fresh, contiguous CPU byte tensors: their bytes, as they are.
-        state = torch.default_generator.get_state()
-        snapshot = ctypes.string_at(state.data_ptr(), state.nbytes)
-        for index in self.cuda_indices:
-            state = torch.cuda.get_rng_state(index)
-            snapshot += ctypes.string_at(state.data_ptr(), state.nbytes)
-        return snapshot
+        return b"".join(map(_state_bytes, _read_states(self.cuda_indices)))
 
     def changed(self) -> bool:
         return self._snapshot() != self.start

@@ -78,8 +78,8 @@ class Selection:
         d, a = [], []
         for k in range(len(columns.blocks[0])):
             stack = [columns.blocks[c][k] for c in range(2 * count)]
-            # (flatten, not reshape(n, -1): n may be 0, for an input of no elements)
-            flat = torch.stack([s.reshape(len(s), s[0].numel() if len(s) else 0) for s in stack])
+            # (flatten, not reshape(n, -1): n is 0 for an input of no elements)
+            flat = torch.stack([s.flatten(1) if s.dim() > 1 else s[:, None] for s in stack])
             flat = flat.to(torch.float64)
             d.append(flat[:count] / scale)
             a.append(flat[count:] / scale.abs())  # (a step turned by bounds is negative)

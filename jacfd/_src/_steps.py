@@ -153,6 +153,7 @@ def exact_steps(
     finite difference of the gradient taken with the same steps.
     """
     x = leaf.detach().reshape(-1)
+    h: torch.Tensor | float
     if step is None:
         if typical is None or isinstance(typical, (int, float)):
             scale = 1.0 if typical is None else float(typical)
@@ -162,18 +163,14 @@ def exact_steps(
             h = torch.maximum(x.abs(), size).mul_(stencil.relative_step(precision))
     elif isinstance(step, torch.Tensor):
         h = step.detach().to(x).expand(leaf.shape).reshape(-1)
-    elif not stencil.imaginary:  # a float: no tensor of steps to make
-        exact = torch.add(x, float(step)) if stencil.leading_direction > 0 else x - float(step)
-        exact = exact.sub_(x) if stencil.leading_direction > 0 else exact.neg_().add_(x)
-        check_moves(name, leaf, exact, float(step))
-        return exact
-    else:
-        h = torch.full_like(x, float(step))
+    else:  # a float, added as a scalar: no tensor of steps to make
+        h = float(step)
     if stencil.imaginary:  # x + ih is exact: the step is the imaginary part itself
-        return h
-    if stencil.leading_direction > 0:
-        # (x + h) - x; a step of jacfd's own making is reused in place, never the user's
-        exact = (torch.add(x, h) if step is not None else h.add_(x)).sub_(x)
+        return h if isinstance(h, torch.Tensor) else torch.full_like(x, h)
+    if stencil.leading_direction > 0 and step is None and isinstance(h, torch.Tensor):
+        exact = h.add_(x).sub_(x)  # (x + h) - x, in the buffer of jacfd's own step
+    elif stencil.leading_direction > 0:
+        exact = torch.add(x, h).sub_(x)  # never in the user's step tensor
     else:
         exact = torch.sub(x, h).neg_().add_(x)  # x - (x - h), exactly
     if step is not None:  # the automatic step is never below max(1, |x|) * eps
