@@ -34,7 +34,7 @@ class ForwardFloor:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.detach().reshape(-1)  # the steps are constants for autograd
         if self.delta is None:
-            h = flat.abs().clamp_min_(1.0).mul_(self.relative).add_(flat).sub_(flat)
+            h = torch.add(flat, flat.abs().clamp_min_(1.0), alpha=self.relative).sub_(flat)
         else:
             h = torch.add(flat, self.delta).sub_(flat)
         out = self.f(torch.addcmul(x.reshape(-1), self.pattern, h).view(-1, *self.shape))

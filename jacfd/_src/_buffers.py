@@ -20,8 +20,10 @@ from typing import Any
 
 import torch
 
+Modules = tuple[torch.nn.Module, ...]
 
-def modules_of(func: Callable[..., Any]) -> tuple[torch.nn.Module, ...]:
+
+def modules_of(func: Callable[..., Any]) -> Modules:
     """The modules with buffers among those func visibly calls and their submodules
     (searched once per transform, two levels deep)."""
     found: dict[int, torch.nn.Module] = {}

@@ -12,7 +12,7 @@ an input the differences are exactly zero, and so is the derivative.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,16 +34,19 @@ class Contraction:
     magnitude: float = 0.0
     """The terms' common weight magnitude if they differ only in sign, else 0."""
 
-    @property
-    def simple(self) -> bool:
-        """One term ``±(f[k] - f(x))`` of a first derivative: forward or backward."""
-        return (
+    simple: bool = field(init=False)
+    """One term ``±(f[k] - f(x))`` of a first derivative: forward or backward.
+    (A field, not a property: ``contract`` reads it on every call.)"""
+
+    def __post_init__(self) -> None:
+        simple = (
             len(self.terms) == 1
             and self.terms[0][1] == CENTER
             and abs(self.terms[0][2]) == 1
             and self.derivative == 1
             and not (self.imaginary or self.absolute)
         )
+        object.__setattr__(self, "simple", simple)
 
     @property
     def needs_center(self) -> bool:

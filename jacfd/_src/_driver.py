@@ -21,7 +21,7 @@ from ._plan import Call, Options
 from ._points import Blocks, Chunk
 from ._random import rng_for
 from ._rule import rule_steps
-from ._steps import exact_steps
+from ._steps import StepSpec, exact_steps
 from ._strategy import evaluate
 from ._workers import evaluate_in_parallel
 
@@ -165,7 +165,7 @@ def _run(
             recompute = recompute and any(value.requires_grad for value in flat_out)
             dtypes = [value.dtype for value in flat_out]
             if dtypes != plan.checked_dtypes.get(output_eps):
-                _check_outputs(call, options, flat_out, output_eps)
+                check_outputs(options, call.primals, plan.step_specs, flat_out, output_eps)
                 plan.checked_dtypes[output_eps] = dtypes
         if points.imaginary:
             flat_out = _real_leaves(where, flat_out, real_rows)
@@ -211,9 +211,15 @@ def _can_recompute() -> bool:
     )
 
 
-def _check_outputs(
-    call: Call, options: Options, flat_out: list[torch.Tensor], output_eps: float
+def check_outputs(
+    options: Options,
+    primals: list[torch.Tensor],
+    step_specs: list[StepSpec],
+    flat_out: list[torch.Tensor],
+    output_eps: float,
 ) -> None:
+    """Refuses real outputs of the complex step, and raises :class:`CoarserOutput`
+    where func computes coarser than an input given an automatic step."""
     if options.stencil.imaginary and not any(value.is_complex() for value in flat_out):
         # Only real leaves: nothing shows that func propagates the imaginary part.
         raise TypeError(
@@ -224,7 +230,7 @@ def _check_outputs(
     coarsest = max(torch.finfo(value.dtype).eps for value in flat_out)
     if coarsest > output_eps and any(
         spec is None and torch.finfo(leaf.dtype).eps < coarsest
-        for leaf, spec in zip(call.primals, call.plan.step_specs)
+        for leaf, spec in zip(primals, step_specs)
     ):
         raise CoarserOutput(coarsest)
 

@@ -16,7 +16,10 @@ _ONE_TENSOR = tree_flatten((0,))[1]
 
 
 def _unflatten(tensor: torch.Tensor, dim: int, shape: torch.Size) -> torch.Tensor:
-    """Splits ``dim`` into ``shape``; a 0-dim ``shape`` removes it."""
+    """Splits ``dim`` into ``shape``; a 0-dim ``shape`` removes it, and a 1-dim
+    one leaves it as it is."""
+    if len(shape) == 1:
+        return tensor
     return torch.unflatten(tensor, dim, shape) if len(shape) else tensor.squeeze(dim)
 
 

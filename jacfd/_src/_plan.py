@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_map_only
 
-from ._buffers import modules_of
+from ._buffers import Modules, modules_of
 from ._inputs import (
     Argnums,
     check_argnums,
@@ -189,14 +189,39 @@ PointsFactory = Callable[[list[torch.Tensor]], "tuple[PointSet, Any]"]
 the point set and the structure's per-signature data."""
 
 
+ExpressFactory = Callable[[Plan, list[torch.Tensor], Modules], Any]
+"""A plan, the call's leaves and func's modules -> the signature's express path
+(see ``_express``), or None where it takes the general path."""
+
+
 class Planner:
     """Makes the calls of one transform, with a bounded, thread-safe plan cache."""
 
-    def __init__(self, func: Callable[..., Any], options: Options, points: PointsFactory) -> None:
+    def __init__(
+        self,
+        func: Callable[..., Any],
+        options: Options,
+        points: PointsFactory,
+        express: ExpressFactory | None = None,
+    ) -> None:
         self.func, self.options, self.make_points = func, options, points
+        self.make_express = express
         self._plans: dict[Any, Plan] = {}
+        self._express: dict[Any, Any] = {}
+        """The express paths of the cached plans that have one, by the same key."""
         self._argnums: dict[int, tuple[int, ...] | None] = {}
         self.modules = modules_of(func)
+
+    def express(self, args: tuple[Any, ...]) -> Any:
+        """The express path of this call's signature if it has one and its plan is
+        cached: a call of one bare tensor argument, outside torch.compile."""
+        argnums = self._argnums.get(len(args))
+        if argnums is None or len(argnums) != 1:
+            return None
+        x = args[argnums[0]]
+        if type(x) is not torch.Tensor or torch.compiler.is_compiling():
+            return None
+        return self._express.get((len(args), (x.shape, x.dtype, x.device, x.requires_grad)))
 
     def prepare(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
         options = self.options
@@ -225,10 +250,15 @@ class Planner:
             cached = self._plans.get(key)
             if cached is None:
                 plan = self._plan(args, primals)
+                express = self.make_express and self.make_express(plan, primals, self.modules)
                 with _PLANS_LOCK:
                     if len(self._plans) >= PLAN_CACHE_SIZE:
-                        self._plans.pop(next(iter(self._plans)))
+                        oldest = next(iter(self._plans))
+                        self._plans.pop(oldest)
+                        self._express.pop(oldest, None)
                     self._plans[key] = plan
+                    if express is not None:
+                        self._express[key] = express
             else:
                 plan = cached
         at_point = self._at_point(plan, args, kwargs)

@@ -142,9 +142,8 @@ class AxisPoints(PointSet):
         is passed unbatched (``in_dims`` None) rather than copied."""
         moves = self._moves.get(chunk)
         if moves is None:
-            moves = self._moves[chunk] = self._plan_moves(chunk, [p.numel() for p in primals])
-            if not self.imaginary:
-                self._plan_patterns(chunk, moves, primals)
+            self.pattern(chunk, primals)
+            moves = self._moves[chunk]
         rows = self.rows(chunk)
         leaves: list[torch.Tensor] = []
         in_dims: list[int | None] = []
@@ -179,6 +178,15 @@ class AxisPoints(PointSet):
             leaves.append(batch.view(rows, *leaf.shape) if leaf.dim() != 1 else batch)
             in_dims.append(0)
         return leaves, in_dims
+
+    def pattern(self, chunk: Chunk, primals: list[torch.Tensor]) -> torch.Tensor | None:
+        """The first leaf's planned ``(rows, numel)`` offset pattern for ``chunk``
+        (for leaves like ``primals``), or None for a batch built by strided adds."""
+        if chunk not in self._moves:
+            self._moves[chunk] = self._plan_moves(chunk, [p.numel() for p in primals])
+            if not self.imaginary:
+                self._plan_patterns(chunk, self._moves[chunk], primals)
+        return self._patterns.get((chunk, 0))
 
     def _plan_patterns(
         self,

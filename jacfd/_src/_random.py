@@ -234,6 +234,8 @@ class GeneratorWatch:
         self.start = self._snapshot()
 
     def _snapshot(self) -> bytes:
+        if not self.cuda_indices:  # the CPU generator alone: one read, no list
+            return _state_bytes(torch.default_generator.get_state())
         return b"".join(map(_state_bytes, _read_states(self.cuda_indices)))
 
     def changed(self) -> bool:

@@ -156,11 +156,17 @@ def exact_steps(
     h: torch.Tensor | float
     if step is None:
         if typical is None or isinstance(typical, (int, float)):
-            scale = 1.0 if typical is None else float(typical)
-            h = x.abs().clamp_min_(scale).mul_(stencil.relative_step(precision))
+            size = x.abs().clamp_min_(1.0 if typical is None else float(typical))
         else:  # per-element typical magnitudes
-            size = typical.detach().to(x).expand(leaf.shape).reshape(-1)
-            h = torch.maximum(x.abs(), size).mul_(stencil.relative_step(precision))
+            size = torch.maximum(x.abs(), typical.detach().to(x).expand(leaf.shape).reshape(-1))
+        relative = stencil.relative_step(precision)
+        if isinstance(relative, float) and not stencil.imaginary:
+            # x +- relative * size in one kernel, then made exact: the fewest kernels
+            # for the step every call of the default options computes.
+            if stencil.leading_direction > 0:
+                return torch.add(x, size, alpha=relative).sub_(x)  # (x + h) - x
+            return torch.sub(x, size, alpha=relative).sub_(x).neg_()  # x - (x - h)
+        h = size.mul_(relative)
     elif isinstance(step, torch.Tensor):
         h = step.detach().to(x).expand(leaf.shape).reshape(-1)
     else:  # a float, added as a scalar: no tensor of steps to make

@@ -31,11 +31,18 @@ from ._random import (
     replaying,
 )
 
-_vmap_impl: Callable[..., Any] | None
 try:
-    from torch._functorch.vmap import vmap_impl as _vmap_impl
-except ImportError:  # a torch without it: the public vmap does the same, a little slower
-    _vmap_impl = None
+    from torch._C._functorch import (
+        _add_batch_dim,
+        _remove_batch_dim,
+        _vmap_decrement_nesting,
+        _vmap_increment_nesting,
+    )
+    from torch._functorch.predispatch import lazy_load_decompositions
+
+    _FLAT_VMAP = True
+except ImportError:  # a torch without them: the public vmap does the same, slower
+    _FLAT_VMAP = False
 
 VMAP_HINT = (
     "func works on ordinary tensors, so it does something torch.vmap cannot batch "
@@ -101,17 +108,56 @@ class Vmap(Strategy):
             return Loop().run(fn, leaves, in_dims, rows, where, rng)
         try:
             with replaying(rng, where):
-                if _vmap_impl is None or torch.compiler.is_compiling():
+                if not _FLAT_VMAP or torch.compiler.is_compiling():
                     vmapped = torch.func.vmap(
                         fn, in_dims=tuple(in_dims), randomness=self.randomness
                     )
                     return vmapped(*leaves)
-                # torch.func.vmap's own body, without building a wrapper on every call
-                # (~8 us on a tiny function); Dynamo traces the public vmap instead.
-                return _vmap_impl(fn, tuple(in_dims), 0, self.randomness, None, *leaves)
+                return _flat_vmap(fn, leaves, in_dims, rows, self.randomness)
         except (RuntimeError, NotImplementedError) as error:
             _explain_vmap_failure(fn, leaves, in_dims, where, error)
             raise
+
+
+_decompositions_loaded = False
+
+
+def _flat_vmap(
+    fn: Callable[..., Any],
+    leaves: Sequence[torch.Tensor],
+    in_dims: Sequence[int | None],
+    rows: int,
+    randomness: str,
+) -> Any:
+    """``torch.func.vmap(fn, in_dims, randomness=randomness)(*leaves)``, as torch's
+    own ``_flat_vmap`` does it (torch/_functorch/vmap.py), for inputs already
+    known to be tensors batched along dim 0 or not at all.
+
+    The public vmap spends ~30 us per call on a tiny function flattening and
+    checking its arguments and outputs as pytrees: more than the whole
+    arithmetic of a small Jacobian. Dynamo traces the public vmap instead.
+    """
+    global _decompositions_loaded
+    if not _decompositions_loaded:  # (vmap_impl's first step, needed once)
+        lazy_load_decompositions()
+        _decompositions_loaded = True
+    level = _vmap_increment_nesting(rows, randomness)
+    try:
+        out = fn(
+            *[x if d is None else _add_batch_dim(x, d, level) for x, d in zip(leaves, in_dims)]
+        )
+        if isinstance(out, torch.Tensor):
+            return _remove_batch_dim(out, level, rows, 0)
+        flat, spec = tree_flatten(out)
+        for value in flat:
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(
+                    f"vmap({getattr(fn, '__name__', fn)}, ...): it must only return Tensors, "
+                    f"got type {type(value)}."
+                )
+        return tree_unflatten([_remove_batch_dim(v, level, rows, 0) for v in flat], spec)
+    finally:
+        _vmap_decrement_nesting()
 
 
 def _explain_vmap_failure(
@@ -397,15 +443,30 @@ def evaluate(
             stop = min(start + chunk_size, rows)
             part = [x[start:stop] if d is not None else x for x, d in zip(leaves, in_dims)]
             pieces.append(strategy.run(fn, part, in_dims, stop - start, where, replay))
-    if isinstance(rng, GeneratorWatch) and rng.changed():
-        # The generator moved: by func, or by another thread? Only func's own
-        # draws are an error; a thread-local watch on one point tells them apart.
-        point = [x[:1] if d is not None else x for x, d in zip(leaves, in_dims)]
-        if draws_random_numbers(lambda: strategy.run(fn, point, in_dims, 1, where, None)):
-            raise RuntimeError(
-                f"{where}: func used the random number generator while randomness='error'. "
-                + RANDOM_HINT
-            )
+    if isinstance(rng, GeneratorWatch):
+        check_watch(rng, strategy, fn, leaves, in_dims, where)
     if len(pieces) == 1:
         return pieces[0]
     return tree_map(lambda *parts: torch.cat(parts), *pieces)
+
+
+def check_watch(
+    watch: GeneratorWatch,
+    strategy: Strategy,
+    fn: Callable[..., Any],
+    leaves: Sequence[torch.Tensor],
+    in_dims: Sequence[int | None],
+    where: str,
+) -> None:
+    """Under ``randomness="error"``: raises if func drew random numbers while
+    ``watch`` was on."""
+    if not watch.changed():
+        return
+    # The generator moved: by func, or by another thread? Only func's own
+    # draws are an error; a thread-local watch on one point tells them apart.
+    point = [x[:1] if d is not None else x for x, d in zip(leaves, in_dims)]
+    if draws_random_numbers(lambda: strategy.run(fn, point, in_dims, 1, where, None)):
+        raise RuntimeError(
+            f"{where}: func used the random number generator while randomness='error'. "
+            + RANDOM_HINT
+        )

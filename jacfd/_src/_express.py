@@ -1,0 +1,151 @@
+"""The express path: a call that takes one evaluation, as straight-line code.
+
+Most calls of ``jacfd`` differentiate one tensor densely, with a real stencil,
+at points that fit one evaluation of func: no chunks, colours, bounds,
+workers, or random numbers to replay. For such a call signature the plan also
+holds an :class:`Express`, with every decision of the driver bound once, and a
+call runs only what depends on the values::
+
+    steps -> the batch of points -> func -> differences -> jacrev's layout
+
+Each stage is the general path's own function (``exact_steps``, the point
+set's offset pattern and ``build``, the strategy's ``run``, the generator
+watch, ``contract``, ``to_torch_func_layout``), so both paths give the same
+bits (``tests/test_express.py``). What the express path skips is the driver's
+generic bookkeeping (chunk loop, parallel and checkpoint branches, per-call
+dataclasses), which on a tiny function costs as much as the arithmetic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map
+
+from ._buffers import Modules, kept_buffers
+from ._contract import contract
+from ._driver import CoarserOutput, check_outputs
+from ._layout import to_torch_func_layout
+from ._plan import Options, Plan, at_point_of
+from ._points import AxisPoints
+from ._random import GeneratorWatch
+from ._steps import exact_steps
+from ._strategy import check_watch
+
+_LEAF = tree_flatten(torch.empty(0))[1]
+
+
+class Express:
+    """One call signature's whole evaluation (see the module docstring).
+
+    Holds no tensor of the caller's: only the plan's own (the offset pattern).
+    """
+
+    __slots__ = (
+        "argnum",
+        "func",
+        "modules",
+        "options",
+        "pattern",
+        "plan",
+        "points",
+        "rows",
+        "view",
+        "watch",
+    )
+
+    def __init__(
+        self,
+        func: Callable[..., Any],
+        options: Options,
+        plan: Plan,
+        leaf: torch.Tensor,
+        modules: Modules,
+    ) -> None:
+        points = plan.points
+        if not isinstance(points, AxisPoints):  # (checked by ``expressible``)
+            raise AssertionError("the express path takes a dense point set")
+        chunk = points.chunks[0]
+        self.func, self.options, self.plan, self.points = func, options, plan, points
+        self.argnum = plan.argnums[0]
+        self.rows = points.rows(chunk)
+        self.pattern = points.pattern(chunk, [leaf])
+        self.view = (self.rows, *leaf.shape) if leaf.dim() != 1 else None
+        # randomness="error" where func runs outside vmap: watch the generators.
+        self.watch = options.randomness == "error" and options.strategy.watches_rng
+        self.modules = modules
+
+    @staticmethod
+    def expressible(options: Options, plan: Plan, primals: list[torch.Tensor]) -> bool:
+        """Whether a signature's calls take the express path: one tensor, one
+        evaluation, one contraction, a real stencil, and nothing to share out."""
+        points = plan.points
+        return (
+            type(points) is AxisPoints
+            and len(primals) == 1
+            and plan.bare
+            and primals[0].numel() > 0
+            and plan.calls == 1
+            and len(points.chunks) == 1
+            and len(points.contractions) == 1
+            and not points.imaginary
+            and options.rule is None
+            and options.workers is None
+            and options.process_group is None
+        )
+
+    def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The transform's result, or None where the general path must take the
+        call (func computes coarser than its inputs: see ``_driver``)."""
+        options, plan = self.options, self.plan
+        if plan.output_eps[0]:
+            return None
+        name, has_aux = options.name, options.has_aux
+        x = args[self.argnum]
+        h = exact_steps(x, plan.step_specs[0], options.stencil, plan.precisions[0], name)
+        if self.pattern is not None:
+            batch = torch.addcmul(x.reshape(1, -1), self.pattern, h)
+            if self.view is not None:
+                batch = batch.view(self.view)
+        else:
+            batch = self.points.build(self.points.chunks[0], [x], [h])[0][0]
+        at_point = at_point_of(
+            self.func, name, has_aux, plan.argnums, True, plan.spec, args, kwargs
+        )
+        watch = GeneratorWatch((x,)) if self.watch and not torch.compiler.is_compiling() else None
+        if self.modules:  # modules with buffers: put back what func changes in them
+            with kept_buffers(self.modules, name):
+                outputs = options.strategy.run(at_point, (batch,), (0,), self.rows, name, None)
+        else:
+            outputs = options.strategy.run(at_point, (batch,), (0,), self.rows, name, None)
+        if watch is not None:
+            check_watch(watch, options.strategy, at_point, (batch,), (0,), name)
+        out = outputs[0] if has_aux else outputs
+        flat_out, out_spec = ([out], _LEAF) if type(out) is torch.Tensor else tree_flatten(out)
+        dtypes = [value.dtype for value in flat_out]
+        if dtypes != plan.checked_dtypes.get(0.0):
+            try:
+                check_outputs(options, [x], plan.step_specs, flat_out, 0.0)
+            except CoarserOutput as coarser:
+                plan.output_eps[0] = coarser.eps
+                return None
+            plan.checked_dtypes[0.0] = dtypes
+        center = None
+        aux = None
+        if self.points.chunks[0].with_center:
+            center = [value[0] for value in flat_out]
+            flat_out = [value[1:] for value in flat_out]
+            if has_aux:
+                aux = tree_map(lambda value: value[0], outputs[1])
+        contraction, count = self.points.contractions[0], self.points.chunks[0].count
+        offsets = len(self.points.offsets)
+        columns = [
+            contract(v, None if center is None else center[k], contraction, h, count, offsets)
+            for k, v in enumerate(flat_out)
+        ]
+        jac = to_torch_func_layout(
+            columns, out_spec, plan.shapes, plan.spec, options.single_argnum
+        )
+        return (jac, aux) if has_aux else jac
