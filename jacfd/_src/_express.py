@@ -27,10 +27,11 @@ from torch.utils._pytree import tree_flatten, tree_map
 from ._buffers import Modules, kept_buffers
 from ._contract import contract
 from ._driver import CoarserOutput, check_outputs
+from ._layout import ONE_TENSOR as _ONE_TENSOR
 from ._layout import to_torch_func_layout
 from ._plan import Options, Plan, at_point_of
 from ._points import AxisPoints
-from ._random import GeneratorWatch
+from ._random import GeneratorWatch, cuda_indices_of
 from ._steps import exact_steps
 from ._strategy import check_watch
 
@@ -43,19 +44,6 @@ class Express:
     Holds no tensor of the caller's: only the plan's own (the offset pattern).
     """
 
-    __slots__ = (
-        "argnum",
-        "func",
-        "modules",
-        "options",
-        "pattern",
-        "plan",
-        "points",
-        "rows",
-        "view",
-        "watch",
-    )
-
     def __init__(
         self,
         func: Callable[..., Any],
@@ -67,15 +55,23 @@ class Express:
         points = plan.points
         if not isinstance(points, AxisPoints):  # (checked by ``expressible``)
             raise AssertionError("the express path takes a dense point set")
-        chunk = points.chunks[0]
         self.func, self.options, self.plan, self.points = func, options, plan, points
+        self.chunk = points.chunks[0]
         self.argnum = plan.argnums[0]
-        self.rows = points.rows(chunk)
-        self.pattern = points.pattern(chunk, [leaf])
-        self.view = (self.rows, *leaf.shape) if leaf.dim() != 1 else None
-        # randomness="error" where func runs outside vmap: watch the generators.
-        self.watch = options.randomness == "error" and options.strategy.watches_rng
+        self.rows = points.rows(self.chunk)
+        self.pattern = points.pattern(self.chunk, [leaf])
+        self.shape = leaf.shape
         self.modules = modules
+        # randomness="error" where func runs outside vmap: watch the generators.
+        watches = options.randomness == "error" and options.strategy.watches_rng
+        self.watch = cuda_indices_of([leaf]) if watches else None
+        self.contraction = points.contractions[0]
+        # Forward and backward differences of one output tensor are divided by the
+        # steps after the layout, where the steps broadcast along the last axis.
+        self.sign = 0
+        if self.contraction.simple:
+            self.sign = 1 if self.contraction.terms[0][2] > 0 else -1
+        self.one_to_one = options.single_argnum and plan.spec == _ONE_TENSOR
 
     @staticmethod
     def expressible(options: Options, plan: Plan, primals: list[torch.Tensor]) -> bool:
@@ -105,16 +101,19 @@ class Express:
         name, has_aux = options.name, options.has_aux
         x = args[self.argnum]
         h = exact_steps(x, plan.step_specs[0], options.stencil, plan.precisions[0], name)
-        if self.pattern is not None:
-            batch = torch.addcmul(x.reshape(1, -1), self.pattern, h)
-            if self.view is not None:
-                batch = batch.view(self.view)
+        pattern = self.pattern
+        if pattern is None:
+            batch = self.points.build(self.chunk, [x], [h])[0][0]
+        elif len(self.shape) == 1:
+            batch = torch.addcmul(x, pattern, h)  # x broadcasts over the rows
         else:
-            batch = self.points.build(self.points.chunks[0], [x], [h])[0][0]
+            batch = torch.addcmul(x.reshape(-1), pattern, h).view(self.rows, *self.shape)
         at_point = at_point_of(
             self.func, name, has_aux, plan.argnums, True, plan.spec, args, kwargs
         )
-        watch = GeneratorWatch((x,)) if self.watch and not torch.compiler.is_compiling() else None
+        watch = None
+        if self.watch is not None and not torch.compiler.is_compiling():
+            watch = GeneratorWatch(self.watch)
         if self.modules:  # modules with buffers: put back what func changes in them
             with kept_buffers(self.modules, name):
                 outputs = options.strategy.run(at_point, (batch,), (0,), self.rows, name, None)
@@ -132,20 +131,27 @@ class Express:
                 plan.output_eps[0] = coarser.eps
                 return None
             plan.checked_dtypes[0.0] = dtypes
-        center = None
-        aux = None
-        if self.points.chunks[0].with_center:
-            center = [value[0] for value in flat_out]
-            flat_out = [value[1:] for value in flat_out]
-            if has_aux:
-                aux = tree_map(lambda value: value[0], outputs[1])
-        contraction, count = self.points.contractions[0], self.points.chunks[0].count
-        offsets = len(self.points.offsets)
-        columns = [
-            contract(v, None if center is None else center[k], contraction, h, count, offsets)
-            for k, v in enumerate(flat_out)
-        ]
-        jac = to_torch_func_layout(
-            columns, out_spec, plan.shapes, plan.spec, options.single_argnum
-        )
+        aux = tree_map(lambda value: value[0], outputs[1]) if has_aux else None
+        if self.sign and self.one_to_one and out_spec is _LEAF:
+            # (f(x +- h e_j) - f(x)) / (+-h_j): the differences laid out as
+            # (*out, n), then divided with the steps broadcast along the last axis.
+            center, shifted = out[0], out[1:]
+            diff = torch.sub(shifted, center) if self.sign > 0 else torch.sub(center, shifted)
+            jac = diff.movedim(0, -1).div_(h if h.dtype == out.dtype else h.to(out.dtype))
+            jac = torch.unflatten(jac, -1, self.shape) if len(self.shape) != 1 else jac
+        else:
+            center = None
+            if self.chunk.with_center:
+                center = [value[0] for value in flat_out]
+                flat_out = [value[1:] for value in flat_out]
+            count, offsets = self.chunk.count, len(self.points.offsets)
+            columns = [
+                contract(
+                    v, None if center is None else center[k], self.contraction, h, count, offsets
+                )
+                for k, v in enumerate(flat_out)
+            ]
+            jac = to_torch_func_layout(
+                columns, out_spec, plan.shapes, plan.spec, options.single_argnum
+            )
         return (jac, aux) if has_aux else jac

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch.utils._pytree import TreeSpec, tree_flatten, tree_unflatten
 
-_ONE_TENSOR = tree_flatten((0,))[1]
+ONE_TENSOR = tree_flatten((0,))[1]
 """The spec of one differentiated argument that is a bare tensor."""
 
 
@@ -40,7 +40,7 @@ def to_torch_func_layout(
     """Each ``(n, *out)`` column block becomes leaves ``out.shape + in.shape``,
     nested as output pytree, then the argnums tuple (unless argnums was an
     int), then the input's pytree."""
-    if single_argnum and out_spec.is_leaf() and primals_spec == _ONE_TENSOR:
+    if single_argnum and out_spec.is_leaf() and primals_spec == ONE_TENSOR:
         # One tensor in, one out: no split and no pytree round trip.
         return _unflatten(columns[0].movedim(0, -1), -1, shapes[0])
     numels = [s.numel() for s in shapes]

@@ -217,8 +217,13 @@ def rng_for(
     if randomness == "same" and calls > 1:
         return RandomState([leaf.device for leaf in leaves])
     if randomness == "error" and watches and not torch.compiler.is_compiling():
-        return GeneratorWatch(leaves)
+        return GeneratorWatch(cuda_indices_of(leaves))
     return None
+
+
+def cuda_indices_of(leaves: Sequence[torch.Tensor]) -> Sequence[int]:
+    """The CUDA devices that func evaluated on ``leaves`` may draw from."""
+    return sorted({leaf.device.index or 0 for leaf in leaves if leaf.is_cuda})
 
 
 class GeneratorWatch:
@@ -228,14 +233,14 @@ class GeneratorWatch:
 
     __slots__ = ("cuda_indices", "start")
 
-    def __init__(self, leaves: Sequence[torch.Tensor]) -> None:
-        cuda = [leaf for leaf in leaves if leaf.is_cuda]
-        self.cuda_indices = sorted({leaf.device.index or 0 for leaf in cuda}) if cuda else ()
+    def __init__(self, cuda_indices: Sequence[int]) -> None:
+        self.cuda_indices = cuda_indices
         self.start = self._snapshot()
 
     def _snapshot(self) -> bytes:
         if not self.cuda_indices:  # the CPU generator alone: one read, no list
-            return _state_bytes(torch.default_generator.get_state())
+            state = torch.default_generator.get_state()
+            return ctypes.string_at(state.data_ptr(), state.nbytes)  # (see _state_bytes)
         return b"".join(map(_state_bytes, _read_states(self.cuda_indices)))
 
     def changed(self) -> bool:

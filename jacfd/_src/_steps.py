@@ -152,7 +152,8 @@ def exact_steps(
     The steps are constants for autograd: ``grad`` through jacfd then equals the
     finite difference of the gradient taken with the same steps.
     """
-    x = leaf.detach().reshape(-1)
+    x = leaf.detach()
+    x = x if x.dim() == 1 else x.reshape(-1)
     h: torch.Tensor | float
     if step is None:
         if typical is None or isinstance(typical, (int, float)):

@@ -231,6 +231,9 @@ class _RealBatch(Strategy):
 
     others: Others
     common_random_numbers: ClassVar[bool] = False
+    leading = False
+    """The points go in and come out along a new leading axis: stacked rows pass
+    as they are, and an output with ``rows`` rows needs no unstacking."""
 
     def stack(self, x: torch.Tensor, batched: bool, rows: int) -> torch.Tensor:
         raise NotImplementedError
@@ -247,11 +250,16 @@ class _RealBatch(Strategy):
         where: str,
         rng: RandomState | None,
     ) -> Any:
-        stacked = [self.stack(x, d is not None, rows) for x, d in zip(leaves, in_dims)]
-        others = None
-        if self.others == "repeat":
-            others = lambda t: self.stack(t, False, rows)  # noqa: E731
-        outputs = fn(*stacked, others=others)
+        if self.leading and self.others == "broadcast" and None not in in_dims:
+            outputs = fn(*leaves)  # the common Batched(): nothing to move
+            if type(outputs) is torch.Tensor and outputs.dim() and outputs.shape[0] == rows:
+                return outputs
+        else:
+            stacked = [self.stack(x, d is not None, rows) for x, d in zip(leaves, in_dims)]
+            others = None
+            if self.others == "repeat":
+                others = lambda t: self.stack(t, False, rows)  # noqa: E731
+            outputs = fn(*stacked, others=others)
         if type(outputs) is torch.Tensor:  # no pytree walk
             return self.unstack(where, outputs, rows)
         return tree_map(lambda y: self.unstack(where, y, rows), outputs)
@@ -314,6 +322,8 @@ class Batched(_RealBatch):
             raise ValueError(
                 f"Batched(others={self.others!r}): others must be 'broadcast' or 'repeat'."
             )
+        leading = self.dim == 0 and self.out_dim in (None, 0) and not self.existing
+        object.__setattr__(self, "leading", leading)  # (frozen: set once, here)
 
     def stack(self, x: torch.Tensor, batched: bool, rows: int) -> torch.Tensor:
         """``x`` (``(rows, *shape)`` if ``batched``) with the rows along ``dim``."""
