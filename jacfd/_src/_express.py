@@ -28,7 +28,7 @@ from ._buffers import Modules, kept_buffers
 from ._contract import contract
 from ._driver import CoarserOutput, check_outputs
 from ._layout import ONE_TENSOR as _ONE_TENSOR
-from ._layout import to_torch_func_layout
+from ._layout import split_dim, to_torch_func_layout
 from ._plan import Options, Plan, at_point_of
 from ._points import AxisPoints
 from ._random import GeneratorWatch, cuda_indices_of
@@ -138,7 +138,7 @@ class Express:
             center, shifted = out[0], out[1:]
             diff = torch.sub(shifted, center) if self.sign > 0 else torch.sub(center, shifted)
             jac = diff.movedim(0, -1).div_(h if h.dtype == out.dtype else h.to(out.dtype))
-            jac = torch.unflatten(jac, -1, self.shape) if len(self.shape) != 1 else jac
+            jac = split_dim(jac, -1, self.shape)
         else:
             center = None
             if self.chunk.with_center:

@@ -15,7 +15,7 @@ ONE_TENSOR = tree_flatten((0,))[1]
 """The spec of one differentiated argument that is a bare tensor."""
 
 
-def _unflatten(tensor: torch.Tensor, dim: int, shape: torch.Size) -> torch.Tensor:
+def split_dim(tensor: torch.Tensor, dim: int, shape: torch.Size) -> torch.Tensor:
     """Splits ``dim`` into ``shape``; a 0-dim ``shape`` removes it, and a 1-dim
     one leaves it as it is."""
     if len(shape) == 1:
@@ -42,12 +42,12 @@ def to_torch_func_layout(
     int), then the input's pytree."""
     if single_argnum and out_spec.is_leaf() and primals_spec == ONE_TENSOR:
         # One tensor in, one out: no split and no pytree round trip.
-        return _unflatten(columns[0].movedim(0, -1), -1, shapes[0])
+        return split_dim(columns[0].movedim(0, -1), -1, shapes[0])
     numels = [s.numel() for s in shapes]
     per_output = []
     for block in columns:
         parts = torch.split(block.movedim(0, -1), numels, dim=-1)
-        jacobians = [_unflatten(part, -1, shape) for part, shape in zip(parts, shapes)]
+        jacobians = [split_dim(part, -1, shape) for part, shape in zip(parts, shapes)]
         per_output.append(per_argnums(jacobians, primals_spec, single_argnum))
     return tree_unflatten(per_output, out_spec)
 
@@ -69,7 +69,7 @@ def to_hessian_layout(
         outer = []
         for rows, a in zip(torch.split(moved, numels, dim=-2), shapes):
             inner = [
-                _unflatten(_unflatten(part, -1, b), -1 - len(b), a)
+                split_dim(split_dim(part, -1, b), -1 - len(b), a)
                 for part, b in zip(torch.split(rows, numels, dim=-1), shapes)
             ]
             outer.append(per_argnums(inner, primals_spec, single_argnum))
