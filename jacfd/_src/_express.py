@@ -31,9 +31,9 @@ from ._layout import ONE_TENSOR as _ONE_TENSOR
 from ._layout import split_dim, to_torch_func_layout
 from ._plan import Options, Plan, at_point_of
 from ._points import AxisPoints
-from ._random import GeneratorWatch, cuda_indices_of
+from ._random import cuda_indices_of, generator_bytes
 from ._steps import exact_steps
-from ._strategy import check_watch
+from ._strategy import check_draws
 
 _LEAF = tree_flatten(torch.empty(0))[1]
 
@@ -111,16 +111,15 @@ class Express:
         at_point = at_point_of(
             self.func, name, has_aux, plan.argnums, True, plan.spec, args, kwargs
         )
-        watch = None
-        if self.watch is not None and not torch.compiler.is_compiling():
-            watch = GeneratorWatch(self.watch)
+        watch = self.watch  # the generators' bytes before func, if they are watched
+        start = generator_bytes(watch) if watch is not None else None
         if self.modules:  # modules with buffers: put back what func changes in them
             with kept_buffers(self.modules, name):
                 outputs = options.strategy.run(at_point, (batch,), (0,), self.rows, name, None)
         else:
             outputs = options.strategy.run(at_point, (batch,), (0,), self.rows, name, None)
-        if watch is not None:
-            check_watch(watch, options.strategy, at_point, (batch,), (0,), name)
+        if watch is not None and generator_bytes(watch) != start:
+            check_draws(options.strategy, at_point, (batch,), (0,), name)
         out = outputs[0] if has_aux else outputs
         flat_out, out_spec = ([out], _LEAF) if type(out) is torch.Tensor else tree_flatten(out)
         dtypes = [value.dtype for value in flat_out]

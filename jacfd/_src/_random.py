@@ -235,13 +235,15 @@ class GeneratorWatch:
 
     def __init__(self, cuda_indices: Sequence[int]) -> None:
         self.cuda_indices = cuda_indices
-        self.start = self._snapshot()
-
-    def _snapshot(self) -> bytes:
-        if not self.cuda_indices:  # the CPU generator alone: one read, no list
-            state = torch.default_generator.get_state()
-            return ctypes.string_at(state.data_ptr(), state.nbytes)  # (see _state_bytes)
-        return b"".join(map(_state_bytes, _read_states(self.cuda_indices)))
+        self.start = generator_bytes(cuda_indices)
 
     def changed(self) -> bool:
-        return self._snapshot() != self.start
+        return generator_bytes(self.cuda_indices) != self.start
+
+
+def generator_bytes(cuda_indices: Sequence[int]) -> bytes:
+    """The bytes of the CPU generator's state and those of ``cuda_indices``."""
+    if not cuda_indices:  # the CPU generator alone: one read, no list
+        state = torch.default_generator.get_state()
+        return ctypes.string_at(state.data_ptr(), state.nbytes)  # (see _state_bytes)
+    return b"".join(map(_state_bytes, _read_states(cuda_indices)))

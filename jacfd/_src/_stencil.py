@@ -52,10 +52,16 @@ class Stencil:
     ``max(1, |x|)``) keeps the wide high-order stencils inside it.
     """
 
+    leading_direction: int = field(init=False)
+    """+1 if the stencil reaches furthest to the right, else -1: the step is rounded
+    so that the point in this direction is exact."""
+
     def __post_init__(self) -> None:
         shifted = tuple(o for o, w in zip(self.offsets, self.weights) if o != 0 and w != 0)
         object.__setattr__(self, "shifted_offsets", shifted)
         object.__setattr__(self, "step_constant", self._step_constant())
+        leading = 1 if max(self.offsets) >= -min(self.offsets) else -1
+        object.__setattr__(self, "leading_direction", leading)
 
     def _step_constant(self) -> float:
         if self.imaginary:
@@ -117,14 +123,6 @@ class Stencil:
 
     def weight(self, offset: int) -> float:
         return sum((float(w) for o, w in zip(self.offsets, self.weights) if o == offset), 0.0)
-
-    @property
-    def leading_direction(self) -> int:
-        """+1 if the stencil reaches furthest to the right, else -1.
-
-        The step is rounded so that the point in this direction is exact.
-        """
-        return 1 if max(self.offsets) >= -min(self.offsets) else -1
 
 
 def combine(terms: list[tuple[Fraction, Stencil]], accuracy: int) -> Stencil:

@@ -453,27 +453,24 @@ def evaluate(
             stop = min(start + chunk_size, rows)
             part = [x[start:stop] if d is not None else x for x, d in zip(leaves, in_dims)]
             pieces.append(strategy.run(fn, part, in_dims, stop - start, where, replay))
-    if isinstance(rng, GeneratorWatch):
-        check_watch(rng, strategy, fn, leaves, in_dims, where)
+    if isinstance(rng, GeneratorWatch) and rng.changed():
+        check_draws(strategy, fn, leaves, in_dims, where)
     if len(pieces) == 1:
         return pieces[0]
     return tree_map(lambda *parts: torch.cat(parts), *pieces)
 
 
-def check_watch(
-    watch: GeneratorWatch,
+def check_draws(
     strategy: Strategy,
     fn: Callable[..., Any],
     leaves: Sequence[torch.Tensor],
     in_dims: Sequence[int | None],
     where: str,
 ) -> None:
-    """Under ``randomness="error"``: raises if func drew random numbers while
-    ``watch`` was on."""
-    if not watch.changed():
-        return
-    # The generator moved: by func, or by another thread? Only func's own
-    # draws are an error; a thread-local watch on one point tells them apart.
+    """Under ``randomness="error"``, once the generators moved while func was
+    evaluated: raises if func itself draws random numbers."""
+    # By func, or by another thread? Only func's own draws are an error; a
+    # thread-local watch on one point tells them apart.
     point = [x[:1] if d is not None else x for x, d in zip(leaves, in_dims)]
     if draws_random_numbers(lambda: strategy.run(fn, point, in_dims, 1, where, None)):
         raise RuntimeError(
