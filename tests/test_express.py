@@ -125,6 +125,21 @@ def test_pytree_outputs_and_aux(
     assert all(torch.equal(a, b) for a, b in zip(flat, flat_reference))
 
 
+@pytest.mark.parametrize("strategy", ["batched", "vmap"])
+def test_pytree_output_of_a_batched_function(
+    monkeypatch: pytest.MonkeyPatch, strategy: str
+) -> None:
+    func = lambda x: {"a": x.sin(), "b": (x * x).sum(-1)}  # noqa: E731
+    x = torch.linspace(-0.7, 1.3, 4, dtype=F64)
+    express = twice(jacfd(func, scheme="forward", strategy=strategy), x)
+    with monkeypatch.context() as patch:
+        general(patch)
+        reference = twice(jacfd(func, scheme="forward", strategy=strategy), x)
+    assert express.keys() == reference.keys()
+    assert all(torch.equal(express[k], reference[k]) for k in express)
+    torch.testing.assert_close(express["b"], 2 * x, atol=1e-6, rtol=0)
+
+
 def test_argnums_tuple_and_other_arguments() -> None:
     """One differentiated tensor among others: jacrev's layout, tuple included."""
     x, y = torch.rand(3, dtype=F64), torch.rand(3, dtype=F64)

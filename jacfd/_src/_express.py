@@ -27,13 +27,14 @@ from torch.utils._pytree import tree_flatten, tree_map
 from ._buffers import Modules, kept_buffers
 from ._contract import contract
 from ._driver import CoarserOutput, check_outputs
+from ._inputs import check_output
 from ._layout import ONE_TENSOR as _ONE_TENSOR
 from ._layout import split_dim, to_torch_func_layout
 from ._plan import Options, Plan, at_point_of
 from ._points import AxisPoints
 from ._random import cuda_indices_of, generator_bytes
 from ._steps import exact_steps
-from ._strategy import check_draws
+from ._strategy import Batched, check_draws
 
 _LEAF = tree_flatten(torch.empty(0))[1]
 
@@ -72,6 +73,14 @@ class Express:
         if self.contraction.simple:
             self.sign = 1 if self.contraction.terms[0][2] > 0 else -1
         self.one_to_one = options.single_argnum and plan.spec == _ONE_TENSOR
+        # A plain Batched(): func takes the batch as it is, and nothing else changes.
+        strategy = options.strategy
+        self.direct = (
+            isinstance(strategy, Batched)
+            and strategy.leading
+            and strategy.others == "broadcast"
+            and not options.has_aux
+        )
 
     @staticmethod
     def expressible(options: Options, plan: Plan, primals: list[torch.Tensor]) -> bool:
@@ -91,6 +100,30 @@ class Express:
             and options.workers is None
             and options.process_group is None
         )
+
+    def _evaluate(
+        self,
+        at_point: Callable[..., Any],
+        batch: torch.Tensor,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """func at the batch of points, by the strategy; a plain ``Batched()`` calls
+        func itself and only checks what its ``run`` would have checked."""
+        if self.direct:
+            call_args = list(args)
+            call_args[self.argnum] = batch
+            out = self.func(*call_args, **kwargs)
+            rows = self.rows
+            plain = type(out) is torch.Tensor and out.dtype.is_floating_point
+            if plain and out.dim() and out.shape[0] == rows:
+                return out
+            check_output(self.options.name, out)
+            # Anything else (an error, a pytree): the strategy's own unstacking.
+            name = self.options.name
+            return self.options.strategy.run(lambda *_: out, (batch,), (0,), rows, name, None)
+        strategy, name = self.options.strategy, self.options.name
+        return strategy.run(at_point, (batch,), (0,), self.rows, name, None)
 
     def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The transform's result, or None where the general path must take the
@@ -115,9 +148,9 @@ class Express:
         start = generator_bytes(watch) if watch is not None else None
         if self.modules:  # modules with buffers: put back what func changes in them
             with kept_buffers(self.modules, name):
-                outputs = options.strategy.run(at_point, (batch,), (0,), self.rows, name, None)
+                outputs = self._evaluate(at_point, batch, args, kwargs)
         else:
-            outputs = options.strategy.run(at_point, (batch,), (0,), self.rows, name, None)
+            outputs = self._evaluate(at_point, batch, args, kwargs)
         if watch is not None and generator_bytes(watch) != start:
             check_draws(options.strategy, at_point, (batch,), (0,), name)
         out = outputs[0] if has_aux else outputs
