@@ -147,19 +147,30 @@ def large_rows(dtype: torch.dtype, quick: bool) -> list[Row]:
     x = torch.randn(n, dtype=dtype)
     stacked = torch.randn(n + 1, n, dtype=dtype)
     transform = jacfd(model, scheme="forward", strategy="batched")
+    floor = ForwardFloor(model, x, None)
+    check_floor(f"square MLP, {dtype}", floor(x), transform(x))
     timings = measure_alternating(
-        {"f": lambda: model(stacked), "jacfd": lambda: transform(x)}, quick
+        {"f": lambda: model(stacked), "jacfd": lambda: transform(x), "floor": lambda: floor(x)},
+        quick,
     )
     case = f"square MLP {n}-{n}-{n}, {str(dtype).removeprefix('torch.')}"
+    baseline = f"f on the stacked batch ({n + 1}, {n})"
     return [
         Row(
             case,
             'jacfd(scheme="forward", strategy="batched")',
             timings["jacfd"],
-            f"f on the stacked batch ({n + 1}, {n})",
+            baseline,
             timings["f"],
             1.10,
-        )
+        ),
+        Row(
+            case,
+            "minimal eager pipeline (bench/_floor.py)",
+            timings["floor"],
+            baseline,
+            timings["f"],
+        ),
     ]
 
 
