@@ -35,10 +35,10 @@ def general(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Express, "expressible", staticmethod(lambda *_: False))
 
 
-def twice(transform: Callable[..., Any], *args: Any) -> Any:
+def twice(transform: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """The second call: the first one plans the signature."""
-    transform(*args)
-    return transform(*args)
+    transform(*args, **kwargs)
+    return transform(*args, **kwargs)
 
 
 def vector(x: torch.Tensor) -> torch.Tensor:
@@ -281,3 +281,96 @@ def test_what_the_express_path_leaves_to_the_general_one(options: dict[str, Any]
     twice(jacfd(lambda x, y: x * y, argnums=(0, 1)), x, x)  # two tensors
     twice(jacfd(lambda d: d["x"].sin()), {"x": x})  # a pytree argument
     assert not planner_of(jacfd(torch.sin))._express
+
+
+def conv_net(dtype: torch.dtype) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 3, padding=1),
+        torch.nn.GELU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(3 * 5 * 5, 4),
+    ).to(dtype)
+
+
+@pytest.mark.parametrize("strategy", ["vmap", Batched(existing=True)], ids=str)
+def test_float32_conv_net_with_parameters_that_require_grad(
+    monkeypatch: pytest.MonkeyPatch, strategy: Any
+) -> None:
+    """A user's float32 network in training state (grad mode, parameters requiring
+    grad), one image (1, C, H, W): the express path gives the general path's bits, the
+    reference is jacrev in float64, and the parameters get their gradient through it."""
+    net = conv_net(F32)
+    image = torch.linspace(-1, 1, 50).reshape(1, 2, 5, 5)
+    transform = jacfd(net, strategy=strategy)
+    jac = twice(transform, image)
+    assert planner_of(transform)._express
+    with monkeypatch.context() as patch:
+        general(patch)
+        assert torch.equal(jac, twice(jacfd(net, strategy=strategy), image))
+    reference = jacrev(conv_net(F64))(image.double())
+    error = (jac.double() - reference).abs().max() / reference.abs().max()
+    assert error < 1e-3  # float32 smooth networks: 9e-5 to 9e-4 (docs/accuracy.md)
+    jac.sum().backward()  # (the last bias does not move J: its gradient is 0)
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in net.parameters())
+    assert net[0].weight.grad is not None and net[0].weight.grad.abs().sum() > 0
+
+
+def test_threads_with_different_signatures() -> None:
+    import threading
+
+    transform = jacfd(coupled(1), strategy="batched", scheme="forward")
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            for k in range(30):
+                x = torch.linspace(-1, 1, n, dtype=F64) * (1 + k / 30)
+                torch.testing.assert_close(
+                    transform(x), jacrev(coupled(1))(x), atol=1e-6, rtol=1e-6
+                )
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(2 + k % 3,)) for k in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[0]
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "batched"])
+def test_non_contiguous_inputs(strategy: str) -> None:
+    base = torch.linspace(-1, 1, 24, dtype=F64).reshape(4, 6)
+    for x in (base[:, ::2], base.T, base[1]):
+        func = coupled(x.dim())
+        transform = jacfd(func, strategy=strategy)
+        assert torch.equal(twice(transform, x), twice(transform, x.contiguous()))
+
+
+def test_other_arguments_and_keywords_reach_func() -> None:
+    def func(w: torch.Tensor, x: torch.Tensor, *, scale: float) -> torch.Tensor:
+        return scale * torch.tanh(x @ w)
+
+    w, x = torch.rand(3, 2, dtype=F64), torch.rand(5, 3, dtype=F64)
+    transform = jacfd(func, 1, strategy=Batched(others="broadcast"))
+    jac = twice(transform, w, x, scale=2.0)
+    reference = jacrev(lambda w, x: func(w, x, scale=2.0), 1)(w, x)
+    torch.testing.assert_close(jac, reference, atol=1e-6, rtol=1e-6)
+
+
+def test_integer_output_on_a_later_call() -> None:
+    state = {"int": False}
+
+    def func(x: torch.Tensor) -> torch.Tensor:
+        return (x * 10).long() if state["int"] else x.sin()
+
+    x = torch.rand(3, dtype=F64)
+    for strategy in ("vmap", "batched"):
+        state["int"] = False
+        transform = jacfd(func, strategy=strategy)
+        twice(transform, x)
+        state["int"] = True
+        with pytest.raises(TypeError, match=r"^jacfd: func returned a tensor of dtype"):
+            transform(x)
