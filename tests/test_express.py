@@ -374,3 +374,33 @@ def test_integer_output_on_a_later_call() -> None:
         state["int"] = True
         with pytest.raises(TypeError, match=r"^jacfd: func returned a tensor of dtype"):
             transform(x)
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "batched"])
+def test_torch_func_transforms_of_the_express_path(
+    monkeypatch: pytest.MonkeyPatch, strategy: str
+) -> None:
+    """jacrev, jvp and vmap of a jacfd (inside them the express path is taken too)
+    give the general path's bits, and jacfd of grad(f) approximates the Hessian."""
+    func = coupled(1)
+    x = torch.linspace(-0.7, 1.3, 4, dtype=F64)
+    v = torch.linspace(1.0, 2.0, 4, dtype=F64)
+
+    def results() -> list[torch.Tensor]:
+        transform = jacfd(func, scheme="forward", strategy=strategy)
+        transform(x)
+        return [
+            torch.func.jacrev(transform)(x),
+            torch.func.jvp(transform, (x,), (v,))[1],
+            torch.func.vmap(transform)(torch.stack([x, 2 * x])),
+        ]
+
+    express = results()
+    with monkeypatch.context() as patch:
+        general(patch)
+        reference = results()
+    assert all(torch.equal(a, b) for a, b in zip(express, reference))
+    # Summed over any batch rows, so that grad(scalar) is per row: batched too.
+    scalar = lambda x: (x.sin() * x.sum(-1, keepdim=True)).sum()  # noqa: E731
+    hessian_fd = twice(jacfd(torch.func.grad(scalar), strategy=strategy), x)
+    torch.testing.assert_close(hessian_fd, torch.func.hessian(scalar)(x), atol=1e-6, rtol=1e-6)
