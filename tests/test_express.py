@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch.func import jacrev
 
-from jacfd import Batched, jacfd
+from jacfd import Batched, hessdiagfd, jacfd, laplacianfd
 from jacfd._src._express import Express
 
 F32, F64 = torch.float32, torch.float64
@@ -404,3 +404,58 @@ def test_torch_func_transforms_of_the_express_path(
     scalar = lambda x: (x.sin() * x.sum(-1, keepdim=True)).sum()  # noqa: E731
     hessian_fd = twice(jacfd(torch.func.grad(scalar), strategy=strategy), x)
     torch.testing.assert_close(hessian_fd, torch.func.hessian(scalar)(x), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("transform", [hessdiagfd, laplacianfd], ids=lambda t: t.__name__)
+@pytest.mark.parametrize(
+    ("scheme", "order", "strategy"),
+    [
+        ("central", None, "vmap"),
+        ("central", 4, "vmap"),
+        ("forward", None, "vmap"),
+        ("backward", 2, "batched"),
+        ("central", None, "batched"),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("shape", [(4,), (2, 3), ()], ids=str)
+def test_second_derivative_diagonals_take_the_express_path(
+    monkeypatch: pytest.MonkeyPatch,
+    transform: Callable[..., Any],
+    scheme: str,
+    order: int | None,
+    strategy: str,
+    shape: tuple[int, ...],
+) -> None:
+    """hessdiagfd and laplacianfd: the same bits as the general path, the express path
+    taken, and the values of torch.func's Hessian."""
+    func = coupled(len(shape))
+    x = torch.linspace(-0.7, 1.3, max(1, torch.Size(shape).numel()), dtype=F64).reshape(shape)
+    options = {"scheme": scheme, "order": order, "strategy": strategy}
+    made = transform(func, **options)
+    express = twice(made, x)
+    assert planner_of(made)._express
+    with monkeypatch.context() as patch:
+        general(patch)
+        assert torch.equal(express, twice(transform(func, **options), x))
+    n, m = x.numel(), func(x).numel()
+    hessian = torch.func.hessian(func)(x).reshape(m, n, n).diagonal(dim1=1, dim2=2)
+    expected = hessian.reshape((*func(x).shape, *x.shape))
+    if transform is laplacianfd:
+        expected = hessian.sum(-1).reshape(func(x).shape)
+    torch.testing.assert_close(express, expected, atol=2e-4, rtol=2e-4)
+
+
+def test_laplacian_with_aux_and_a_pytree_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    def func(x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        return {"u": x.sin() * x.sum(), "e": (x * x).sum()}, x.norm()
+
+    x = torch.linspace(-0.7, 1.3, 4, dtype=F64)
+    (laplacian, aux) = twice(laplacianfd(func, has_aux=True), x)
+    with monkeypatch.context() as patch:
+        general(patch)
+        (reference, reference_aux) = twice(laplacianfd(func, has_aux=True), x)
+    assert laplacian.keys() == reference.keys()
+    assert all(torch.equal(laplacian[k], reference[k]) for k in laplacian)
+    assert torch.equal(aux, reference_aux)
+    torch.testing.assert_close(laplacian["e"], torch.tensor(8.0, dtype=F64))

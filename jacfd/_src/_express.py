@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import TreeSpec, tree_flatten, tree_map
 
 from ._buffers import Modules, kept_buffers
 from ._contract import contract
@@ -30,13 +30,17 @@ from ._driver import CoarserOutput, check_outputs
 from ._inputs import check_output
 from ._layout import ONE_TENSOR as _ONE_TENSOR
 from ._layout import split_dim, to_torch_func_layout
-from ._plan import Options, Plan, at_point_of
+from ._plan import ExpressFactory, Options, Plan, at_point_of
 from ._points import AxisPoints
 from ._random import cuda_indices_of, generator_bytes
 from ._steps import exact_steps
 from ._strategy import Batched, check_draws
 
 _LEAF = tree_flatten(torch.empty(0))[1]
+
+Finish = Callable[[list[torch.Tensor], TreeSpec], Any]
+"""The columns of each output leaf, ``(n, *out)``, and the output's tree spec -> what
+the transform returns (``laplacianfd``'s sums); without one, jacrev's layout."""
 
 
 class Express:
@@ -52,6 +56,7 @@ class Express:
         plan: Plan,
         leaf: torch.Tensor,
         modules: Modules,
+        finish: Finish | None = None,
     ) -> None:
         points = plan.points
         if not isinstance(points, AxisPoints):  # (checked by ``expressible``)
@@ -62,7 +67,7 @@ class Express:
         self.rows = points.rows(self.chunk)
         self.pattern = points.pattern(self.chunk, [leaf])
         self.shape = leaf.shape
-        self.modules = modules
+        self.modules, self.finish = modules, finish
         # randomness="error" where func runs outside vmap: watch the generators.
         watches = options.randomness == "error" and options.strategy.watches_rng
         self.watch = cuda_indices_of([leaf]) if watches else None
@@ -81,6 +86,20 @@ class Express:
             and strategy.others == "broadcast"
             and not options.has_aux
         )
+
+    @staticmethod
+    def factory(
+        func: Callable[..., Any], options: Options, finish: Finish | None = None
+    ) -> ExpressFactory:
+        """What a transform gives its ``Planner``: the express path of a signature
+        where it is expressible, with ``finish`` (None: jacrev's layout)."""
+
+        def make(plan: Plan, primals: list[torch.Tensor], modules: Modules) -> Express | None:
+            if not Express.expressible(options, plan, primals):
+                return None
+            return Express(func, options, plan, primals[0], modules, finish)
+
+        return make
 
     @staticmethod
     def expressible(options: Options, plan: Plan, primals: list[torch.Tensor]) -> bool:
@@ -164,7 +183,7 @@ class Express:
                 return None
             plan.checked_dtypes[0.0] = dtypes
         aux = tree_map(lambda value: value[0], outputs[1]) if has_aux else None
-        if self.sign and self.one_to_one and out_spec is _LEAF:
+        if self.sign and self.one_to_one and out_spec is _LEAF and self.finish is None:
             # (f(x +- h e_j) - f(x)) / (+-h_j): the differences laid out as
             # (*out, n), then divided with the steps broadcast along the last axis.
             center, shifted = out[0], out[1:]
@@ -183,7 +202,10 @@ class Express:
                 )
                 for k, v in enumerate(flat_out)
             ]
-            jac = to_torch_func_layout(
-                columns, out_spec, plan.shapes, plan.spec, options.single_argnum
-            )
+            if self.finish is not None:
+                jac = self.finish(columns, out_spec)
+            else:
+                jac = to_torch_func_layout(
+                    columns, out_spec, plan.shapes, plan.spec, options.single_argnum
+                )
         return (jac, aux) if has_aux else jac

@@ -9,13 +9,12 @@ from typing import Any
 import torch
 
 from ._bounds import OneSided
-from ._buffers import Modules
 from ._coloring import color_columns
 from ._contract import Contraction
 from ._driver import run_points
 from ._express import Express
 from ._inputs import Argnums, P, wraps
-from ._plan import Options, Plan, Planner, check_options
+from ._plan import Options, Planner, check_options
 from ._random import Randomness
 from ._stencil import Scheme
 from ._steps import Delta, mark_noise
@@ -219,19 +218,13 @@ def _transform(func: Callable[P, Any], options: Any, structure: Structure) -> Ca
         with_center = contraction.needs_center or (
             options.has_aux and not options.stencil.imaginary
         )
-
-        def express(plan: Plan, primals: list[torch.Tensor], modules: Modules) -> Express | None:
-            if not Express.expressible(options, plan, primals):
-                return None
-            return Express(func, options, plan, primals[0], modules)
-
         return Planner(
             func,
             options,
             lambda primals: structure.points(
                 options, primals, offsets, [contraction], with_center
             ),
-            express if isinstance(structure, Dense) else None,
+            Express.factory(func, options) if isinstance(structure, Dense) else None,
         )
 
     planner = build(options)
@@ -240,11 +233,9 @@ def _transform(func: Callable[P, Any], options: Any, structure: Structure) -> Ca
 
     @wraps(func)
     def jacobian(*args: Any, **kwargs: Any) -> Any:
-        express = planner.express(args)
-        if express is not None:
-            result = express(args, kwargs)
-            if result is not None:
-                return result
+        result = planner.express(args, kwargs)
+        if result is not None:
+            return result
         call = planner.prepare(args, kwargs)
         columns = run_points(call, options)
         if one_sided is not None:

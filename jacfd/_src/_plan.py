@@ -212,16 +212,20 @@ class Planner:
         self._argnums: dict[int, tuple[int, ...] | None] = {}
         self.modules = modules_of(func)
 
-    def express(self, args: tuple[Any, ...]) -> Any:
-        """The express path of this call's signature if it has one and its plan is
-        cached: a call of one bare tensor argument, outside torch.compile."""
+    def express(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The call's result by its signature's express path, or None where the
+        general path must take it: no express path (or its plan is not cached yet:
+        a call of one bare tensor argument, outside torch.compile), or the express
+        path handed it back."""
         argnums = self._argnums.get(len(args))
         if argnums is None or len(argnums) != 1:
             return None
         x = args[argnums[0]]
         if type(x) is not torch.Tensor or torch.compiler.is_compiling():
             return None
-        return self._express.get((len(args), (x.shape, x.dtype, x.device, x.requires_grad)))
+        key = (len(args), (x.shape, x.dtype, x.device, x.requires_grad))
+        express = self._express.get(key)
+        return None if express is None else express(args, kwargs)
 
     def prepare(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
         options = self.options

@@ -12,11 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from torch.utils._pytree import tree_unflatten
+import torch
+from torch.utils._pytree import TreeSpec, tree_unflatten
 
 from ._bounds import OneSided
 from ._contract import Contraction
 from ._driver import Columns, run_points
+from ._express import Express, Finish
 from ._inputs import Argnums, P, wraps
 from ._layout import to_hessian_layout
 from ._mixed import MixedPoints, MixedStencil
@@ -103,7 +105,7 @@ def hessdiagfd(
         bounds=bounds,
     )
     return _diagonal_transform(
-        func, options, lambda call, columns: Dense().assemble(options, call, columns)
+        func, options, lambda call, columns: Dense().assemble(options, call, columns), None
     )
 
 
@@ -165,15 +167,24 @@ def laplacianfd(
     return _diagonal_transform(
         func,
         options,
-        lambda call, columns: tree_unflatten(
-            [block.sum(0) for block in columns.blocks[0]], columns.out_spec
-        ),
+        lambda call, columns: _sums(columns.blocks[0], columns.out_spec),
+        _sums,
     )
 
 
+def _sums(columns: list[torch.Tensor], out_spec: TreeSpec) -> Any:
+    """The Laplacian: each output leaf's second derivatives summed over directions."""
+    return tree_unflatten([block.sum(0) for block in columns], out_spec)
+
+
 def _diagonal_transform(
-    func: Callable[..., Any], options: Options, finish: Callable[[Call, Columns], Any]
+    func: Callable[..., Any],
+    options: Options,
+    finish: Callable[[Call, Columns], Any],
+    express: Finish | None,
 ) -> Callable[..., Any]:
+    """``finish`` makes the result from the general path's columns; ``express`` from
+    the express path's (None: jacrev's layout, as ``Dense`` assembles it)."""
     stencil = options.stencil
 
     def build(options: Options) -> Planner:
@@ -184,6 +195,7 @@ def _diagonal_transform(
             func,
             options,
             lambda primals: Dense().points(options, primals, offsets, [contraction], with_center),
+            Express.factory(func, options, express),
         )
 
     planner = build(options)
@@ -191,6 +203,9 @@ def _diagonal_transform(
 
     @wraps(func)
     def transformed(*args: Any, **kwargs: Any) -> Any:
+        result = planner.express(args, kwargs)
+        if result is not None:
+            return result
         call = planner.prepare(args, kwargs)
         columns = run_points(call, options)
         if one_sided is not None:
