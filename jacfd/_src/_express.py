@@ -2,9 +2,9 @@
 
 Most calls of ``jacfd`` (and of ``hessdiagfd``, ``laplacianfd``) differentiate
 one tensor densely, with a real stencil, at points that fit one evaluation of
-func: no chunks, colours, bounds, workers, or random numbers to replay. For such a call signature the plan also
-holds an :class:`Express`, with every decision of the driver bound once, and a
-call runs only what depends on the values::
+func: no chunks, colours, bounds, workers, or random numbers to replay. For such
+a call signature the plan also holds an :class:`Express`, with every decision of
+the driver bound once, and a call runs only what depends on the values::
 
     steps -> the batch of points -> func -> differences -> jacrev's layout
 
