@@ -17,7 +17,7 @@ from torch.utils._pytree import TreeSpec, tree_flatten, tree_map
 from torch.utils.checkpoint import checkpoint
 
 from ._buffers import kept_buffers
-from ._plan import Call, Options
+from ._plan import Call, Options, Plan
 from ._points import Blocks, Chunk
 from ._random import rng_for
 from ._rule import rule_steps
@@ -154,19 +154,12 @@ def _run(
             )
         else:
             outputs = values(chunk)
-        out = outputs[0] if options.has_aux else outputs
-        if type(out) is torch.Tensor:
-            flat_out, spec = [out], _LEAF
-        else:
-            flat_out, spec = tree_flatten(out)
+        flat_out, spec = flatten_output(outputs[0] if options.has_aux else outputs)
         if out_spec is None:
             out_spec = spec
             # Outputs that need no gradient saved nothing for backward: no recomputing.
             recompute = recompute and any(value.requires_grad for value in flat_out)
-            dtypes = [value.dtype for value in flat_out]
-            if dtypes != plan.checked_dtypes.get(output_eps):
-                check_outputs(options, call.primals, plan.step_specs, flat_out, output_eps)
-                plan.checked_dtypes[output_eps] = dtypes
+            check_outputs_once(options, plan, call.primals, flat_out, output_eps)
         if points.imaginary:
             flat_out = _real_leaves(where, flat_out, real_rows)
         if chunk.with_center:
@@ -209,6 +202,25 @@ def _can_recompute() -> bool:
         and torch._C._functorch.maybe_current_level() is None
         and torch._C._autograd._saved_tensors_hooks_get_disabled_error_message() is None
     )
+
+
+def flatten_output(out: Any) -> tuple[list[torch.Tensor], TreeSpec]:
+    """func's output leaves and tree spec; a bare tensor without a pytree walk."""
+    return ([out], _LEAF) if type(out) is torch.Tensor else tree_flatten(out)
+
+
+def check_outputs_once(
+    options: Options,
+    plan: Plan,
+    primals: list[torch.Tensor],
+    flat_out: list[torch.Tensor],
+    output_eps: float,
+) -> None:
+    """:func:`check_outputs`, once per plan, output precision and output dtypes."""
+    dtypes = [value.dtype for value in flat_out]
+    if dtypes != plan.checked_dtypes.get(output_eps):
+        check_outputs(options, primals, plan.step_specs, flat_out, output_eps)
+        plan.checked_dtypes[output_eps] = dtypes
 
 
 def check_outputs(

@@ -22,11 +22,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils._pytree import TreeSpec, tree_flatten, tree_map
+from torch.utils._pytree import TreeSpec, tree_map
 
 from ._buffers import Modules, kept_buffers
 from ._contract import contract
-from ._driver import CoarserOutput, check_outputs
+from ._driver import CoarserOutput, check_outputs_once, flatten_output
 from ._inputs import check_output
 from ._layout import ONE_TENSOR as _ONE_TENSOR
 from ._layout import split_dim, to_torch_func_layout
@@ -35,8 +35,6 @@ from ._points import AxisPoints
 from ._random import cuda_indices_of, generator_bytes
 from ._steps import exact_steps
 from ._strategy import Batched, check_draws
-
-_LEAF = tree_flatten(torch.empty(0))[1]
 
 Finish = Callable[[list[torch.Tensor], TreeSpec], Any]
 """The columns of each output leaf, ``(n, *out)``, and the output's tree spec -> what
@@ -120,9 +118,16 @@ class Express:
             and options.process_group is None
         )
 
+    def _at_point(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Callable[..., Any]:
+        """func as a function of the differentiated tensor, as the strategies take it."""
+        options, plan = self.options, self.plan
+        return at_point_of(
+            self.func, options.name, options.has_aux, plan.argnums, True, plan.spec, args, kwargs
+        )
+
     def _evaluate(
         self,
-        at_point: Callable[..., Any],
+        at_point: Callable[..., Any] | None,
         batch: torch.Tensor,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
@@ -142,6 +147,8 @@ class Express:
             name = self.options.name
             return self.options.strategy.run(lambda *_: out, (batch,), (0,), rows, name, None)
         strategy, name = self.options.strategy, self.options.name
+        if at_point is None:  # (made for every strategy but the direct one)
+            raise AssertionError("no function of the points to evaluate")
         return strategy.run(at_point, (batch,), (0,), self.rows, name, None)
 
     def __call__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -160,9 +167,7 @@ class Express:
             batch = torch.addcmul(x, pattern, h)  # x broadcasts over the rows
         else:
             batch = torch.addcmul(x.reshape(-1), pattern, h).view(self.rows, *self.shape)
-        at_point = at_point_of(
-            self.func, name, has_aux, plan.argnums, True, plan.spec, args, kwargs
-        )
+        at_point = None if self.direct else self._at_point(args, kwargs)
         watch = self.watch  # the generators' bytes before func, if they are watched
         start = generator_bytes(watch) if watch is not None else None
         if self.modules:  # modules with buffers: put back what func changes in them
@@ -171,23 +176,21 @@ class Express:
         else:
             outputs = self._evaluate(at_point, batch, args, kwargs)
         if watch is not None and generator_bytes(watch) != start:
-            check_draws(options.strategy, at_point, (batch,), (0,), name)
+            point = at_point or self._at_point(args, kwargs)
+            check_draws(options.strategy, point, (batch,), (0,), name)
         out = outputs[0] if has_aux else outputs
-        flat_out, out_spec = ([out], _LEAF) if type(out) is torch.Tensor else tree_flatten(out)
-        dtypes = [value.dtype for value in flat_out]
-        if dtypes != plan.checked_dtypes.get(0.0):
-            try:
-                check_outputs(options, [x], plan.step_specs, flat_out, 0.0)
-            except CoarserOutput as coarser:
-                plan.output_eps[0] = coarser.eps
-                return None
-            plan.checked_dtypes[0.0] = dtypes
+        flat_out, out_spec = flatten_output(out)
+        try:
+            check_outputs_once(options, plan, [x], flat_out, 0.0)
+        except CoarserOutput as coarser:
+            plan.output_eps[0] = coarser.eps
+            return None
         aux = tree_map(lambda value: value[0], outputs[1]) if has_aux else None
-        if self.sign and self.one_to_one and out_spec is _LEAF and self.finish is None:
+        if self.sign and self.one_to_one and type(out) is torch.Tensor and self.finish is None:
             # (f(x +- h e_j) - f(x)) / (+-h_j): the differences laid out as
             # (*out, n), then divided with the steps broadcast along the last axis.
-            center, shifted = out[0], out[1:]
-            diff = torch.sub(shifted, center) if self.sign > 0 else torch.sub(center, shifted)
+            at_x, shifted = out[0], out[1:]
+            diff = torch.sub(shifted, at_x) if self.sign > 0 else torch.sub(at_x, shifted)
             jac = diff.movedim(0, -1).div_(h if h.dtype == out.dtype else h.to(out.dtype))
             jac = split_dim(jac, -1, self.shape)
         else:

@@ -17,12 +17,12 @@ from torch.utils._pytree import TreeSpec, tree_unflatten
 
 from ._bounds import OneSided
 from ._contract import Contraction
-from ._driver import Columns, run_points
+from ._driver import run_points
 from ._express import Express, Finish
 from ._inputs import Argnums, P, wraps
 from ._layout import to_hessian_layout
 from ._mixed import MixedPoints, MixedStencil
-from ._plan import Call, Options, Planner, PointsFactory, check_options
+from ._plan import Options, Planner, PointsFactory, check_options
 from ._random import Randomness
 from ._stencil import Scheme, Stencil, get_stencil
 from ._steps import Delta, mark_noise
@@ -104,9 +104,7 @@ def hessdiagfd(
         noise=noise,
         bounds=bounds,
     )
-    return _diagonal_transform(
-        func, options, lambda call, columns: Dense().assemble(options, call, columns), None
-    )
+    return _diagonal_transform(func, options, None)
 
 
 def laplacianfd(
@@ -164,12 +162,7 @@ def laplacianfd(
         noise=noise,
         bounds=bounds,
     )
-    return _diagonal_transform(
-        func,
-        options,
-        lambda call, columns: _sums(columns.blocks[0], columns.out_spec),
-        _sums,
-    )
+    return _diagonal_transform(func, options, _sums)
 
 
 def _sums(columns: list[torch.Tensor], out_spec: TreeSpec) -> Any:
@@ -178,13 +171,10 @@ def _sums(columns: list[torch.Tensor], out_spec: TreeSpec) -> Any:
 
 
 def _diagonal_transform(
-    func: Callable[..., Any],
-    options: Options,
-    finish: Callable[[Call, Columns], Any],
-    express: Finish | None,
+    func: Callable[..., Any], options: Options, finish: Finish | None
 ) -> Callable[..., Any]:
-    """``finish`` makes the result from the general path's columns; ``express`` from
-    the express path's (None: jacrev's layout, as ``Dense`` assembles it)."""
+    """``finish`` makes the result from the columns of either path (None: jacrev's
+    layout, as ``Dense`` assembles it)."""
     stencil = options.stencil
 
     def build(options: Options) -> Planner:
@@ -195,7 +185,7 @@ def _diagonal_transform(
             func,
             options,
             lambda primals: Dense().points(options, primals, offsets, [contraction], with_center),
-            Express.factory(func, options, express),
+            Express.factory(func, options, finish),
         )
 
     planner = build(options)
@@ -210,7 +200,10 @@ def _diagonal_transform(
         columns = run_points(call, options)
         if one_sided is not None:
             columns = one_sided.merge(call, columns, args, kwargs)
-        result = finish(call, columns)
+        if finish is None:
+            result = Dense().assemble(options, call, columns)
+        else:
+            result = finish(columns.blocks[0], columns.out_spec)
         return (result, columns.aux) if options.has_aux else result
 
     mark_noise(transformed, options.noise_exponent * stencil.accuracy_exponent)
